@@ -1,0 +1,114 @@
+//! Lists the adapters, then on the CPU path and on every GPU adapter runs a 32×64×56×56
+//! training forward, an inference forward and a training backward, checks each against the
+//! f64 reference and prints: backend, op, time, max error.
+//!
+//! cargo run --release --example quickstart
+
+use std::time::Instant;
+
+use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Shape};
+
+const DIMS: [usize; 4] = [32, 64, 56, 56];
+
+/// Deterministic pseudo-normal data (sum of uniforms), offset per channel.
+fn data(len: usize, seed: u64, offset: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|i| {
+            let mut u = 0.0;
+            for _ in 0..4 {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                u += (s >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            (u - 2.0) * 1.7 + offset + (i / (56 * 56) % 64) as f32 * 0.1
+        })
+        .collect()
+}
+
+fn max_err(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Median wall time of `reps` runs of `f`, each followed by a device wait.
+fn time<T>(
+    ctx: &Context,
+    reps: usize,
+    mut f: impl FnMut() -> T,
+) -> Result<f64, wgpu_batchnorm::Error> {
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let out = f();
+        ctx.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(out);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn main() -> Result<(), wgpu_batchnorm::Error> {
+    let n: usize = DIMS.iter().product();
+    let xs = data(n, 1, 3.0);
+    let dys = data(n, 2, 0.0);
+    let shape = Shape::new(&DIMS)?;
+    let config = BatchNormConfig::new(DIMS[1]);
+
+    // The oracle: one training step, then inference and backward.
+    let mut reference = ReferenceBatchNorm::new(config);
+    let ref_train = reference.forward_train(&xs, &shape)?;
+    let ref_grads = reference.backward(&dys, &xs, &shape, &ref_train);
+    let ref_eval = reference.forward_eval(&xs, &shape)?;
+
+    let mut contexts = vec![Context::cpu()];
+    println!("adapters:");
+    for ctx in Context::all_gpus() {
+        match ctx {
+            Ok(ctx) => {
+                println!("  {}", ctx.name());
+                contexts.push(ctx);
+            }
+            Err(e) => println!("  (unusable) {e}"),
+        }
+    }
+    if contexts.len() == 1 {
+        println!("  none found: only the CPU path runs");
+    }
+
+    println!("\ninput {DIMS:?} f32, max |error| against the f64 reference\n");
+    println!("| backend | op | median ms | max error |");
+    println!("|---|---|---:|---:|");
+    for ctx in &contexts {
+        let x = ctx.tensor_from_slice(&xs, &DIMS)?;
+        let dy = ctx.tensor_from_slice(&dys, &DIMS)?;
+
+        // Checked step first (fresh layer, so its running stats match the reference's).
+        let mut bn = BatchNorm::new(ctx, config)?;
+        let out = bn.forward_train(&x)?;
+        let e_train = max_err(&out.y.to_vec()?, &ref_train.y);
+        let grads = bn.backward(&dy, &x, &out.saved)?;
+        let dx = grads.dx.as_ref().expect("dx requested").to_vec()?;
+        let e_bwd = max_err(&dx, &ref_grads.dx);
+        let mut eval_bn = BatchNorm::new(ctx, config)?;
+        eval_bn.set_running_mean(&bn.running_mean()?.unwrap_or_default())?;
+        eval_bn.set_running_var(&bn.running_var()?.unwrap_or_default())?;
+        eval_bn.eval();
+        let e_eval = max_err(&eval_bn.forward(&x)?.y.to_vec()?, &ref_eval.y);
+
+        let reps = 7;
+        let t_train = time(ctx, reps, || bn.forward_train(&x))?;
+        let t_eval = time(ctx, reps, || eval_bn.forward(&x))?;
+        let t_bwd = time(ctx, reps, || bn.backward(&dy, &x, &out.saved))?;
+        let name = ctx.name();
+        println!("| {name} | train forward | {t_train:.2} | {e_train:.2e} |");
+        println!("| {name} | inference forward | {t_eval:.2} | {e_eval:.2e} |");
+        println!("| {name} | train backward (dx) | {t_bwd:.2} | {e_bwd:.2e} |");
+    }
+    Ok(())
+}

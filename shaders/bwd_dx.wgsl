@@ -1,0 +1,45 @@
+// Backward, pass 2 over the data: dx = a·dy + b·(x − μ) − a·mean(dy), coefficients per channel
+// from bwd_finalize. Grid-stride like apply.wgsl; reads x and dy once, writes dx once.
+// In eval mode dx = a·dy exactly, x is not read (so a non-finite x cannot leak into dx).
+
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read> dy: array<V>;
+@group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>; // (μ, a, b, a·mean(dy))
+@group(0) @binding(4) var<storage, read_write> dx: array<V>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
+        return;
+    }
+    var i = g * WG + lid;
+    if (i >= p.total) {
+        return;
+    }
+    let row = i / p.inner;
+    var s = i - row * p.inner;
+    var c = row % p.channels;
+    let training = (p.flags & FLAG_TRAINING) != 0u;
+    loop {
+        let k = coef[c];
+        if (training) {
+            dx[i] = k.y * dy[i] + k.z * (x[i] - V(k.x)) - V(k.w);
+        } else {
+            dx[i] = k.y * dy[i];
+        }
+        i += p.gstep;
+        if (i >= p.total) {
+            break;
+        }
+        s += p.gstep_s;
+        c += p.gstep_c;
+        if (s >= p.inner) {
+            s -= p.inner;
+            c += 1u;
+        }
+        if (c >= p.channels) {
+            c -= p.channels;
+        }
+    }
+}

@@ -1,0 +1,50 @@
+// Backward, pass 1: one workgroup reduces one tile of one channel to
+// (Σ dy, Σ dy·(x − μ)), μ being the mean the forward normalized with. The same tiling and
+// walker as the statistics pass; x and dy are each read once.
+
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read> dy: array<V>;
+@group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
+@group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
+
+var<workgroup> sh: array<vec2<f32>, WG>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
+        return;
+    }
+    let c = g / p.tiles;
+    let start = (g - c * p.tiles) * p.tile_len;
+    let end = min(start + p.tile_len, p.outer * p.inner);
+    let mu = V(stats[c].x);
+
+    var sdy = V(0.0);
+    var sdyx = V(0.0);
+    var j = start + lid;
+    if (j < end) {
+        var w = walker_start(c, j);
+        loop {
+            let g_out = dy[w.idx];
+            sdy += g_out;
+            sdyx += g_out * (x[w.idx] - mu);
+            j += WG;
+            if (j >= end) {
+                break;
+            }
+            walker_step(&w);
+        }
+    }
+    sh[lid] = vec2<f32>(hsum(sdy), hsum(sdyx));
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if (lid < stride) {
+            sh[lid] += sh[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        partials[g] = vec4<f32>(sh[0], 0.0, 0.0);
+    }
+}

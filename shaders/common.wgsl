@@ -1,0 +1,75 @@
+// Shared by every kernel. The host prepends `const WG: u32 = …;` and one prelude
+// (prelude_vec4.wgsl or prelude_scalar.wgsl) that defines `V`, `VW` and `hsum`.
+//
+// Data model: every tensor is viewed as (outer, channels, inner) in units of V, so that
+// unit (o, c, s) lives at index (o * channels + c) * inner + s. NCHW is (N, C, H·W);
+// (N, C) and channels-last are (N·spatial, C, 1).
+
+// Mirrors `gpu::kernels::Params` (src/gpu/kernels.rs) field for field.
+struct Params {
+    outer: u32,
+    channels: u32,
+    inner: u32,      // units of V per (outer, channel) run
+    tiles: u32,      // reduction tiles per channel
+    tile_len: u32,   // units of one channel handled by one reduction workgroup
+    step_addr: u32,  // walker: index advance for WG units of one channel
+    step_s: u32,     // walker: position-in-run advance for WG units
+    wrap_addr: u32,  // walker: extra advance when the run position wraps
+    total: u32,      // grid-stride kernels: units in the tensor
+    gstep: u32,      // grid-stride kernels: threads in the grid
+    gstep_s: u32,    // gstep % inner
+    gstep_c: u32,    // (gstep / inner) % channels
+    count: u32,      // scalars per channel (N·spatial)
+    groups: u32,     // workgroups that do work (the grid may be larger)
+    groups_x: u32,   // width of the 2-D grid
+    flags: u32,      // FLAG_* below
+    eps: f32,
+    momentum: f32,   // already resolved: momentum, or 1/num_batches_tracked
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const FLAG_UPDATE_RUNNING: u32 = 1u;
+const FLAG_TRAINING: u32 = 2u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// Linear workgroup index of a (possibly 2-D) grid; grids are 2-D past 65535 workgroups.
+fn group_index(wid: vec3<u32>) -> u32 {
+    return wid.x + wid.y * p.groups_x;
+}
+
+// Chan et al.'s pairwise merge of two (count, mean, M2) summaries. Stable in f32:
+// no sum of squares around zero is ever formed.
+fn chan_merge(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    let n = a.x + b.x;
+    if (n == 0.0) {
+        return vec3<f32>(0.0);
+    }
+    let d = b.y - a.y;
+    let wb = b.x / n;
+    return vec3<f32>(n, a.y + d * wb, a.z + b.z + d * d * a.x * wb);
+}
+
+// Walks the units of one channel: unit j of channel c is (o, c, s) with o = j / inner,
+// s = j % inner. One division when a thread starts, none per step.
+struct Walker {
+    s: u32,
+    idx: u32,
+}
+
+fn walker_start(c: u32, j: u32) -> Walker {
+    let o = j / p.inner;
+    let s = j - o * p.inner;
+    return Walker(s, (o * p.channels + c) * p.inner + s);
+}
+
+// Advances a walker by WG units of its channel.
+fn walker_step(w: ptr<function, Walker>) {
+    (*w).s += p.step_s;
+    (*w).idx += p.step_addr;
+    if ((*w).s >= p.inner) {
+        (*w).s -= p.inner;
+        (*w).idx += p.wrap_addr;
+    }
+}

@@ -1,0 +1,5 @@
+// Vector prelude: kernels that include it move four floats per load/store.
+// The host picks it when the innermost run of a channel (its spatial size) is a multiple of 4.
+alias V = vec4<f32>;
+const VW: u32 = 4u;
+fn hsum(v: V) -> f32 { return v.x + v.y + v.z + v.w; }

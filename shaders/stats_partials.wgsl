@@ -1,0 +1,63 @@
+// Statistics, pass 1: one workgroup reduces one tile of one channel to (count, mean, M2).
+// Each thread accumulates sums of (x − k) and (x − k)² shifted by its own first value k
+// (a few dozen values per thread, so the shifted sums stay exact to f32 rounding), turns
+// them into (count, mean, M2), and the workgroup merges threads with Chan's formula.
+
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
+
+var<workgroup> sh: array<vec3<f32>, WG>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
+        return;
+    }
+    let c = g / p.tiles;
+    let start = (g - c * p.tiles) * p.tile_len;
+    let end = min(start + p.tile_len, p.outer * p.inner);
+
+    var cnt = 0u;
+    var k = V(0.0);
+    var s1 = V(0.0);
+    var s2 = V(0.0);
+    var j = start + lid;
+    if (j < end) {
+        var w = walker_start(c, j);
+        k = x[w.idx];
+        loop {
+            let d = x[w.idx] - k;
+            s1 += d;
+            s2 += d * d;
+            cnt += 1u;
+            j += WG;
+            if (j >= end) {
+                break;
+            }
+            walker_step(&w);
+        }
+    }
+
+    var part = vec3<f32>(0.0);
+    if (cnt > 0u) {
+        let fc = f32(cnt);
+        // Per lane: mean and M2 of this thread's values; then merge the VW equal-count lanes.
+        let m = k + s1 / fc;
+        let m2 = s2 - s1 * s1 / fc;
+        let mean = hsum(m) / f32(VW);
+        let dm = m - V(mean);
+        part = vec3<f32>(fc * f32(VW), mean, hsum(m2) + fc * hsum(dm * dm));
+    }
+    sh[lid] = part;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if (lid < stride) {
+            sh[lid] = chan_merge(sh[lid], sh[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        partials[g] = vec4<f32>(sh[0], 0.0);
+    }
+}

@@ -1,0 +1,278 @@
+//! [`Context`]: where tensors live and kernels run (one wgpu device, or the CPU), and
+//! [`Tensor`], an f32 tensor resident there.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::{candidate_adapters, GpuContext};
+use crate::shape::{Layout, Shape};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A compute backend: one wgpu device with the crate's pipelines built, or the CPU.
+/// Cheap to clone (shared); `Send + Sync`.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: u64,
+    backend: Backend,
+}
+
+pub(crate) enum Backend {
+    Gpu(Arc<GpuContext>),
+    Cpu,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Context(#{}, {})", self.inner.id, self.name())
+    }
+}
+
+impl Context {
+    /// The best adapter available: a real GPU before a software one. Honours
+    /// `WGPU_BACKEND` (e.g. `vulkan`, `gl`) and `WGPU_ADAPTER_NAME` (substring match) like
+    /// wgpu's own tools. Fails with [`Error::NoAdapter`] naming the backends tried;
+    /// [`Context::cpu`] is the fallback that always works.
+    pub fn new() -> Result<Self> {
+        let (adapters, tried, filter) = candidate_adapters();
+        let mut last_err = None;
+        for adapter in &adapters {
+            match Self::from_adapter(adapter) {
+                Ok(ctx) => return Ok(ctx),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or(Error::NoAdapter { tried, filter }))
+    }
+
+    /// One context per usable adapter (same environment filters as [`Context::new`]),
+    /// best first, with the error of each adapter that failed.
+    pub fn all_gpus() -> Vec<Result<Self>> {
+        let (adapters, _, _) = candidate_adapters();
+        adapters.iter().map(Self::from_adapter).collect()
+    }
+
+    /// A context on a specific adapter.
+    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        Ok(Self::with_backend(Backend::Gpu(Arc::new(
+            GpuContext::from_adapter(adapter)?,
+        ))))
+    }
+
+    /// A context on a device the application already owns (its limits must meet
+    /// [`REQUIRED_STORAGE_BUFFERS`](crate::REQUIRED_STORAGE_BUFFERS) storage buffers per
+    /// stage and 256-invocation workgroups).
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Ok(Self::with_backend(Backend::Gpu(Arc::new(
+            GpuContext::from_device(device, queue)?,
+        ))))
+    }
+
+    /// The CPU backend: same API and semantics, multithreaded, no GPU needed.
+    pub fn cpu() -> Self {
+        Self::with_backend(Backend::Cpu)
+    }
+
+    fn with_backend(backend: Backend) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                backend,
+            }),
+        }
+    }
+
+    /// A process-unique id (errors about mixed contexts name it).
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// "cpu", or "<backend>: <adapter name>" (e.g. "vulkan: llvmpipe (LLVM 15.0.6, 256 bits)").
+    pub fn name(&self) -> String {
+        match &self.inner.backend {
+            Backend::Cpu => "cpu".into(),
+            Backend::Gpu(g) => format!("{}: {}", g.info.backend.to_str(), g.info.name),
+        }
+    }
+
+    /// The wgpu backend ("vulkan", "gl", "metal", "dx12", ...) or "cpu".
+    pub fn backend_kind(&self) -> &'static str {
+        match &self.inner.backend {
+            Backend::Cpu => "cpu",
+            Backend::Gpu(g) => g.info.backend.to_str(),
+        }
+    }
+
+    /// The adapter's description, on a GPU context.
+    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => Some(&g.info),
+            Backend::Cpu => None,
+        }
+    }
+
+    /// The wgpu device and queue, on a GPU context (to share buffers with an application).
+    pub fn wgpu(&self) -> Option<(&wgpu::Device, &wgpu::Queue)> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => Some((&g.device, &g.queue)),
+            Backend::Cpu => None,
+        }
+    }
+
+    /// Blocks until every operation submitted so far has finished (a no-op on the CPU,
+    /// whose operations are synchronous). For timing; readbacks wait on their own.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.synchronize(),
+            Backend::Cpu => Ok(()),
+        }
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    /// Fails unless `other` is this context.
+    pub(crate) fn check_same(&self, what: &'static str, other: u64) -> Result<()> {
+        if other == self.id() {
+            Ok(())
+        } else {
+            Err(Error::ContextMismatch {
+                what,
+                expected: self.id(),
+                got: other,
+            })
+        }
+    }
+
+    /// A channels-first (contiguous, PyTorch's default) tensor holding `data`.
+    pub fn tensor_from_slice(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
+        self.tensor_with_layout(data, dims, Layout::ChannelsFirst)
+    }
+
+    /// A tensor whose `data` is in `layout` order; `dims` is the logical (N, C, ...) shape.
+    pub fn tensor_with_layout(
+        &self,
+        data: &[f32],
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<Tensor> {
+        let shape = Shape::with_layout(dims, layout)?;
+        if data.len() != shape.numel() {
+            return Err(Error::DataLength {
+                shape: dims.to_vec(),
+                expected: shape.numel(),
+                got: data.len(),
+            });
+        }
+        let data = match &self.inner.backend {
+            Backend::Cpu => Data::Cpu(Arc::new(data.to_vec())),
+            Backend::Gpu(g) => Data::Gpu(Arc::new(g.upload(data, "tensor")?)),
+        };
+        Ok(Tensor {
+            ctx: self.clone(),
+            shape,
+            data,
+        })
+    }
+}
+
+/// Where a tensor's values are.
+#[derive(Clone)]
+pub(crate) enum Data {
+    Gpu(Arc<wgpu::Buffer>),
+    Cpu(Arc<Vec<f32>>),
+}
+
+/// An f32 tensor resident in its [`Context`] (GPU memory, or host memory for the CPU
+/// backend). Immutable; operations return new tensors. Cheap to clone.
+#[derive(Clone)]
+pub struct Tensor {
+    ctx: Context,
+    shape: Shape,
+    pub(crate) data: Data,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {:?}, {:?})",
+            self.shape.dims(),
+            self.shape.layout(),
+            self.ctx
+        )
+    }
+}
+
+impl Tensor {
+    pub(crate) fn new(ctx: &Context, shape: Shape, data: Data) -> Self {
+        Self {
+            ctx: ctx.clone(),
+            shape,
+            data,
+        }
+    }
+
+    /// The logical shape (N, C, ...).
+    pub fn dims(&self) -> &[usize] {
+        self.shape.dims()
+    }
+
+    /// Shape and layout.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// Memory layout.
+    pub fn layout(&self) -> Layout {
+        self.shape.layout()
+    }
+
+    /// Number of values.
+    pub fn numel(&self) -> usize {
+        self.shape.numel()
+    }
+
+    /// The context this tensor lives in.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// The values in memory (layout) order. Blocks until the GPU has finished the work that
+    /// produces them.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match &self.data {
+            Data::Cpu(v) => Ok(v.as_ref().clone()),
+            Data::Gpu(b) => match self.ctx.backend() {
+                Backend::Gpu(g) => g.read(b, self.numel()),
+                Backend::Cpu => unreachable!("GPU data in a CPU context"),
+            },
+        }
+    }
+
+    /// [`to_vec`](Self::to_vec) without blocking the calling task: the wait for the GPU
+    /// happens on a helper thread.
+    pub async fn to_vec_async(&self) -> Result<Vec<f32>> {
+        match &self.data {
+            Data::Cpu(v) => Ok(v.as_ref().clone()),
+            Data::Gpu(b) => match self.ctx.backend() {
+                Backend::Gpu(g) => g.clone().read_async(b, self.numel()).await,
+                Backend::Cpu => unreachable!("GPU data in a CPU context"),
+            },
+        }
+    }
+
+    /// The GPU buffer behind this tensor (16-byte padded), for interop with wgpu code.
+    pub fn wgpu_buffer(&self) -> Option<&wgpu::Buffer> {
+        match &self.data {
+            Data::Gpu(b) => Some(b),
+            Data::Cpu(_) => None,
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The GPU side of a [`Context`](crate::Context): adapter choice, device, pipelines, error
+//! scopes, upload and readback.
+
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use super::kernels::Kernels;
+use crate::error::{Error, Result};
+
+/// Limits the crate needs at minimum (the WebGPU defaults satisfy them): up to 6 storage
+/// buffers and one uniform per kernel, 256-invocation workgroups, 3 KiB of workgroup memory.
+pub const REQUIRED_STORAGE_BUFFERS: u32 = 6;
+
+pub(crate) struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub kernels: Kernels,
+    lost: Arc<Mutex<Option<String>>>,
+    /// An error wgpu raised outside our scopes (only on devices we created); reported by the
+    /// next call.
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+/// Orders adapters: real GPUs first, then virtual, then software rasterizers.
+fn preference(info: &wgpu::AdapterInfo) -> u8 {
+    match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// Every adapter of the backends in `WGPU_BACKEND` (all when unset) whose name contains
+/// `WGPU_ADAPTER_NAME` (case-insensitive, when set) and that can run compute shaders,
+/// best first. Returns the adapters and a description of what was searched.
+pub(crate) fn candidate_adapters() -> (Vec<wgpu::Adapter>, String, String) {
+    let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    let backends = desc.backends;
+    let instance = wgpu::Instance::new(desc);
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    let filter = std::env::var("WGPU_ADAPTER_NAME").ok();
+    if let Some(name) = &filter {
+        let name = name.to_lowercase();
+        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&name));
+    }
+    adapters.retain(|a| {
+        a.get_downlevel_capabilities()
+            .flags
+            .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+    });
+    adapters.sort_by_key(|a| preference(&a.get_info()));
+    let tried = format!("{backends:?}");
+    let filter = filter
+        .map(|f| format!(", WGPU_ADAPTER_NAME={f:?}"))
+        .unwrap_or_default();
+    (adapters, tried, filter)
+}
+
+impl GpuContext {
+    /// Opens a device on `adapter` with the adapter's own limits (larger storage bindings
+    /// than the WebGPU defaults where the hardware has them).
+    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        check_limits(&info, &limits)?;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgpu-batchnorm"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::RequestDevice {
+            adapter: info.name.clone(),
+            message: e.to_string(),
+        })?;
+        // Our own device: errors outside a scope are recorded rather than panicking.
+        let uncaptured = Arc::new(Mutex::new(None));
+        let slot = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut s) = slot.lock() {
+                *s = Some(e.to_string());
+            }
+        }));
+        Self::build(device, queue, info, uncaptured)
+    }
+
+    /// Wraps a device the application already owns. Its uncaptured-error handler stays the
+    /// application's.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        let info = device.adapter_info();
+        check_limits(&info, &device.limits())?;
+        Self::build(device, queue, info, Arc::new(Mutex::new(None)))
+    }
+
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+        uncaptured: Arc<Mutex<Option<String>>>,
+    ) -> Result<Self> {
+        let lost = Arc::new(Mutex::new(None));
+        let lost_flag = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = lost_flag.lock() {
+                *l = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        let limits = device.limits();
+        let scope = Scope::push(&device);
+        let kernels = Kernels::new(&device);
+        scope.pop()?;
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            kernels,
+            lost,
+            uncaptured,
+        })
+    }
+
+    /// Fails when the device has been lost (the next call after a loss reports it).
+    pub fn check_alive(&self) -> Result<()> {
+        if let Some(msg) = self.uncaptured.lock().ok().and_then(|mut s| s.take()) {
+            return Err(Error::GpuValidation(msg));
+        }
+        match self.lost.lock() {
+            Ok(l) => match &*l {
+                Some(msg) => Err(Error::DeviceLost(msg.clone())),
+                None => Ok(()),
+            },
+            Err(_) => Err(Error::DeviceLost("device-lost state poisoned".into())),
+        }
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes and turns a captured wgpu
+    /// error into an [`Error`]. Scopes are per thread, so concurrent callers don't mix.
+    pub fn guarded<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        self.check_alive()?;
+        let scope = Scope::push(&self.device);
+        let out = f();
+        scope.pop()?;
+        Ok(out)
+    }
+
+    /// Largest buffer one binding may cover.
+    pub fn max_binding(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size as u64
+    }
+
+    pub fn check_size(&self, bytes: u64) -> Result<()> {
+        let limit = self.max_binding().min(self.limits.max_buffer_size);
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                bytes,
+                limit_name: if self.max_binding() <= self.limits.max_buffer_size {
+                    "max_storage_buffer_binding_size"
+                } else {
+                    "max_buffer_size"
+                },
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// A storage buffer holding `data` (at least 16 bytes, so that empty tensors bind too).
+    pub fn upload(&self, data: &[f32], label: &str) -> Result<wgpu::Buffer> {
+        let bytes = (data.len() * 4) as u64;
+        self.check_size(bytes)?;
+        self.guarded(|| {
+            if data.len() >= 4 {
+                self.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some(label),
+                        contents: bytemuck::cast_slice(data),
+                        usage: storage_usage(),
+                    })
+            } else {
+                let mut padded = [0f32; 4];
+                padded[..data.len()].copy_from_slice(data);
+                self.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some(label),
+                        contents: bytemuck::cast_slice(&padded),
+                        usage: storage_usage(),
+                    })
+            }
+        })
+    }
+
+    /// An uninitialized storage buffer for `len` floats (zeroed by wgpu).
+    pub fn alloc(&self, len: usize, label: &str) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (len.max(4) * 4).next_multiple_of(16) as u64,
+            usage: storage_usage(),
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Waits until the device has finished all submitted work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        self.check_alive()
+    }
+
+    /// Copies the first `len` floats of `buffer` back to the host and waits for them.
+    pub fn read(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (staging, bytes) = self.stage(buffer, len)?;
+        let slice = staging.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        self.check_alive()?;
+        rx.recv()
+            .map_err(|e| Error::Readback(e.to_string()))?
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        Self::copy_out(&staging, bytes, len)
+    }
+
+    /// Like [`read`](Self::read), but the wait happens on a helper thread and the returned
+    /// future completes when the data is on the host.
+    pub async fn read_async(
+        self: Arc<Self>,
+        buffer: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (staging, bytes) = self.stage(buffer, len)?;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        staging
+            .slice(..bytes)
+            .map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+        let device = self.device.clone();
+        let poller = std::thread::spawn(move || device.poll(wgpu::PollType::wait_indefinitely()));
+        let mapped = rx.await;
+        let polled = poller.join();
+        match polled {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Error::DeviceLost(e.to_string())),
+            Err(_) => return Err(Error::Readback("poll thread panicked".into())),
+        }
+        mapped
+            .map_err(|e| Error::Readback(e.to_string()))?
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        Self::copy_out(&staging, bytes, len)
+    }
+
+    fn stage(&self, buffer: &wgpu::Buffer, len: usize) -> Result<(wgpu::Buffer, u64)> {
+        let bytes = (len * 4) as u64;
+        self.guarded(|| {
+            let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            self.queue.submit(Some(encoder.finish()));
+            (staging, bytes)
+        })
+    }
+
+    fn copy_out(staging: &wgpu::Buffer, bytes: u64, len: usize) -> Result<Vec<f32>> {
+        let out = {
+            let view = staging
+                .slice(..bytes)
+                .get_mapped_range()
+                .map_err(|e| Error::Readback(e.to_string()))?;
+            bytemuck::cast_slice::<u8, f32>(&view)[..len].to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+pub(crate) fn storage_usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+}
+
+fn check_limits(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Result<()> {
+    let mut missing = Vec::new();
+    if limits.max_storage_buffers_per_shader_stage < REQUIRED_STORAGE_BUFFERS {
+        missing.push(format!(
+            "max_storage_buffers_per_shader_stage = {} < {REQUIRED_STORAGE_BUFFERS}",
+            limits.max_storage_buffers_per_shader_stage
+        ));
+    }
+    let wg = super::kernels::WORKGROUP_SIZE;
+    if limits.max_compute_invocations_per_workgroup < wg || limits.max_compute_workgroup_size_x < wg
+    {
+        missing.push(format!(
+            "max_compute_invocations_per_workgroup = {} < {wg}",
+            limits.max_compute_invocations_per_workgroup
+        ));
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedAdapter {
+            adapter: info.name.clone(),
+            reason: missing.join(", "),
+        })
+    }
+}
+
+/// Validation + out-of-memory error scopes, popped together.
+struct Scope {
+    validation: wgpu::ErrorScopeGuard,
+    oom: wgpu::ErrorScopeGuard,
+}
+
+impl Scope {
+    fn push(device: &wgpu::Device) -> Self {
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        Self { validation, oom }
+    }
+
+    fn pop(self) -> Result<()> {
+        let validation = pollster::block_on(self.validation.pop());
+        let oom = pollster::block_on(self.oom.pop());
+        if let Some(e) = oom {
+            return Err(Error::GpuOutOfMemory(e.to_string()));
+        }
+        if let Some(e) = validation {
+            return Err(Error::GpuValidation(e.to_string()));
+        }
+        Ok(())
+    }
+}
