@@ -1,0 +1,109 @@
+//! Shared by every test file: the backends to run on, deterministic data, and a tolerance
+//! check that names the failing index.
+//!
+//! Every test body is written once and run on every backend: the CPU path and each wgpu
+//! adapter found. No adapter is reported loudly on stderr; with
+//! `WGPU_BATCHNORM_REQUIRE_BACKENDS=vulkan,gl` (CI sets it) a missing backend fails the run.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use wgpu_batchnorm::Context;
+
+/// The CPU context and one context per GPU adapter, built once per test binary.
+pub fn backends() -> &'static [Context] {
+    static BACKENDS: OnceLock<Vec<Context>> = OnceLock::new();
+    BACKENDS.get_or_init(|| {
+        let mut all = vec![Context::cpu()];
+        for ctx in Context::all_gpus() {
+            match ctx {
+                Ok(ctx) => all.push(ctx),
+                Err(e) => eprintln!("!!! wgpu-batchnorm tests: an adapter is unusable: {e}"),
+            }
+        }
+        if all.len() == 1 {
+            eprintln!(
+                "!!! wgpu-batchnorm tests: NO GPU ADAPTER FOUND: only the CPU path is tested \
+                 (install mesa-vulkan-drivers for lavapipe; WGPU_BACKEND filters adapters)"
+            );
+        }
+        if let Ok(required) = std::env::var("WGPU_BATCHNORM_REQUIRE_BACKENDS") {
+            for want in required.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                assert!(
+                    all.iter().any(|c| c.backend_kind().eq_ignore_ascii_case(want)),
+                    "WGPU_BATCHNORM_REQUIRE_BACKENDS names {want:?} but no such adapter was found; \
+                     found: {:?}",
+                    all.iter().map(Context::name).collect::<Vec<_>>()
+                );
+            }
+        }
+        all
+    })
+}
+
+/// Runs `body` on every backend, saying which one fails.
+pub fn on_every_backend(test: &str, body: impl Fn(&Context)) {
+    for ctx in backends() {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(ctx)));
+        if let Err(e) = r {
+            eprintln!("test {test} failed on backend {}", ctx.name());
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+/// Deterministic normal samples: mean + std·N(0, 1) (SplitMix64 + Box–Muller).
+pub fn normal(len: usize, seed: u64, mean: f64, std: f64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..len)
+        .map(|_| {
+            let (u1, u2) = (next(), next());
+            let g = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            (mean + std * g) as f32
+        })
+        .collect()
+}
+
+/// Asserts |got − want| ≤ atol + rtol·|want| everywhere; NaN must match NaN. The message
+/// names the first failing index, both values, and the worst error.
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0.0f64, 0usize);
+    let mut first_bad = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        if w.is_nan() || g.is_nan() {
+            if w.is_nan() != g.is_nan() && first_bad.is_none() {
+                first_bad = Some(i);
+            }
+            continue;
+        }
+        let err = (g - w).abs();
+        if err > worst.0 {
+            worst = (err, i);
+        }
+        if err > atol + rtol * w.abs() && first_bad.is_none() {
+            first_bad = Some(i);
+        }
+    }
+    if let Some(i) = first_bad {
+        panic!(
+            "{what}: index {i}: got {} want {} (atol {atol:e}, rtol {rtol:e}); worst |err| {:e} at {}",
+            got[i], want[i], worst.0, worst.1
+        );
+    }
+}
+
+/// f32 → f64 for comparisons against exact values.
+pub fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
