@@ -1,0 +1,43 @@
+//! Criterion benches: for each suite shape × op, one group holding the CPU path and every
+//! adapter found, named by backend; plus the copy ceiling of each backend per shape.
+//! GPU timing is submit + wait with resident data and no readback (`iter_custom`).
+//!
+//! cargo bench --bench batchnorm [-- FILTER]
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+#[path = "support.rs"]
+mod support;
+use support::{contexts, prepare, Copier, Op, SUITE};
+
+fn benches(c: &mut Criterion) {
+    let ctxs = contexts();
+    for case in SUITE {
+        let numel: usize = case.dims.iter().product();
+        let mut prepared: Vec<_> = ctxs
+            .iter()
+            .map(|ctx| prepare(ctx, case).expect("prepare"))
+            .collect();
+        for op in Op::ALL {
+            let mut group = c.benchmark_group(format!("{}/{}", case.name, op.name()));
+            group.throughput(Throughput::Bytes((numel * op.bytes_per_element()) as u64));
+            group.sample_size(10);
+            for p in prepared.iter_mut() {
+                let name = p.ctx.name();
+                group.bench_function(name, |b| b.iter_custom(|iters| p.time(op, iters)));
+            }
+            group.finish();
+        }
+        let mut group = c.benchmark_group(format!("{}/copy", case.name));
+        group.throughput(Throughput::Bytes((numel * 8) as u64));
+        group.sample_size(10);
+        for ctx in &ctxs {
+            let mut copier = Copier::new(ctx, numel * 4);
+            group.bench_function(ctx.name(), |b| b.iter_custom(|iters| copier.time(iters)));
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(batchnorm, benches);
+criterion_main!(batchnorm);

@@ -1,0 +1,21 @@
+// The bandwidth ceiling: a grid-stride vec4 copy. Each backend's ops are judged against it.
+struct Params {
+    total: u32,
+    gstep: u32,
+    groups: u32,
+    groups_x: u32,
+}
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> dst: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x + wid.y * p.groups_x;
+    if (g >= p.groups) {
+        return;
+    }
+    for (var i = g * 256u + lid; i < p.total; i += p.gstep) {
+        dst[i] = src[i];
+    }
+}

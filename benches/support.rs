@@ -1,0 +1,297 @@
+//! Shared by the criterion bench (benches/batchnorm.rs) and the report
+//! (examples/bench_report.rs): the shape suite, the ops, and the copy ceiling.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use wgpu::util::DeviceExt;
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Layout, SavedStats, Tensor};
+
+/// One shape of the suite; names are used everywhere (benches, report, notes).
+pub struct Case {
+    pub name: &'static str,
+    pub dims: &'static [usize],
+    pub layout: Layout,
+}
+
+pub const SUITE: &[Case] = &[
+    Case {
+        name: "resnet_early",
+        dims: &[32, 64, 56, 56],
+        layout: Layout::ChannelsFirst,
+    },
+    Case {
+        name: "resnet_late",
+        dims: &[32, 512, 7, 7],
+        layout: Layout::ChannelsFirst,
+    },
+    Case {
+        name: "tall_2d",
+        dims: &[100_000, 32],
+        layout: Layout::ChannelsFirst,
+    },
+    Case {
+        name: "mlp_2d",
+        dims: &[256, 1024],
+        layout: Layout::ChannelsFirst,
+    },
+    Case {
+        name: "video_3d",
+        dims: &[4, 32, 16, 56, 56],
+        layout: Layout::ChannelsFirst,
+    },
+    Case {
+        name: "resnet_early_nhwc",
+        dims: &[32, 64, 56, 56],
+        layout: Layout::ChannelsLast,
+    },
+    Case {
+        name: "resnet_late_nhwc",
+        dims: &[32, 512, 7, 7],
+        layout: Layout::ChannelsLast,
+    },
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    TrainFwd,
+    EvalFwd,
+    TrainBwd,
+}
+
+impl Op {
+    pub const ALL: [Op; 3] = [Op::TrainFwd, Op::EvalFwd, Op::TrainBwd];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::TrainFwd => "train_fwd",
+            Op::EvalFwd => "eval_fwd",
+            Op::TrainBwd => "train_bwd",
+        }
+    }
+
+    /// Minimal traffic per element: train forward reads x twice and writes y; inference
+    /// reads x and writes y; backward reads x and dy twice and writes dx.
+    pub fn bytes_per_element(self) -> usize {
+        match self {
+            Op::TrainFwd => 12,
+            Op::EvalFwd => 8,
+            Op::TrainBwd => 20,
+        }
+    }
+}
+
+/// A layer with its inputs resident on the backend.
+pub struct Prepared {
+    pub ctx: Context,
+    pub bn: BatchNorm,
+    pub x: Tensor,
+    pub dy: Tensor,
+    pub saved: SavedStats,
+    pub numel: usize,
+}
+
+pub fn data(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).max(1);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 4.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn prepare(ctx: &Context, case: &Case) -> wgpu_batchnorm::Result<Prepared> {
+    let numel: usize = case.dims.iter().product();
+    let x = ctx.tensor_with_layout(&data(numel, 1), case.dims, case.layout)?;
+    let dy = ctx.tensor_with_layout(&data(numel, 2), case.dims, case.layout)?;
+    let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(case.dims[1]))?;
+    let saved = bn.forward_train(&x)?.saved;
+    ctx.synchronize()?;
+    Ok(Prepared {
+        ctx: ctx.clone(),
+        bn,
+        x,
+        dy,
+        saved,
+        numel,
+    })
+}
+
+impl Prepared {
+    /// Runs `op` once; results stay on the device.
+    pub fn run(&mut self, op: Op) -> wgpu_batchnorm::Result<()> {
+        match op {
+            Op::TrainFwd => drop(self.bn.forward_train(&self.x)?),
+            Op::EvalFwd => drop(self.bn.forward_eval(&self.x)?),
+            Op::TrainBwd => drop(self.bn.backward(&self.dy, &self.x, &self.saved)?),
+        }
+        Ok(())
+    }
+
+    /// `iters` runs of `op`, then a wait for the device: submit + wait, no readback.
+    pub fn time(&mut self, op: Op, iters: u64) -> Duration {
+        let t = Instant::now();
+        for _ in 0..iters {
+            self.run(op).expect("benchmark op failed");
+        }
+        self.ctx.synchronize().expect("device wait failed");
+        t.elapsed()
+    }
+}
+
+/// Copies `bytes` bytes from one resident buffer to another: vec4 kernel on a GPU,
+/// `copy_from_slice` on the CPU. The bandwidth ceiling each backend is judged against.
+pub enum Copier {
+    Gpu {
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        pipeline: wgpu::ComputePipeline,
+        bind_group: wgpu::BindGroup,
+        grid: (u32, u32),
+    },
+    Cpu {
+        src: Vec<f32>,
+        dst: Vec<f32>,
+    },
+}
+
+impl Copier {
+    pub fn new(ctx: &Context, bytes: usize) -> Self {
+        let len = bytes.div_ceil(16) * 4;
+        let Some((device, queue)) = ctx.wgpu() else {
+            return Copier::Cpu {
+                src: data(len, 3),
+                dst: vec![0.0; len],
+            };
+        };
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("copy"),
+            source: wgpu::ShaderSource::Wgsl(include_str!("copy.wgsl").into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("copy"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let usage = wgpu::BufferUsages::STORAGE;
+        let src = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("copy src"),
+            contents: bytemuck::cast_slice(&data(len, 3)),
+            usage,
+        });
+        let dst = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("copy dst"),
+            size: (len * 4) as u64,
+            usage,
+            mapped_at_creation: false,
+        });
+        let total = (len / 4) as u32;
+        // Same sizing as the crate's element-wise kernels: 8 vec4 per thread.
+        let groups = total.div_ceil(256 * 8).max(1);
+        let gx = groups.min(65535);
+        let grid = (gx, groups.div_ceil(gx));
+        let params: [u32; 4] = [total, groups * 256, groups, gx];
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("copy params"),
+            contents: bytemuck::cast_slice(&params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("copy"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: uniform.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: src.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: dst.as_entire_binding(),
+                },
+            ],
+        });
+        Copier::Gpu {
+            device: device.clone(),
+            queue: queue.clone(),
+            pipeline,
+            bind_group,
+            grid,
+        }
+    }
+
+    /// `iters` copies, then a wait.
+    pub fn time(&mut self, iters: u64) -> Duration {
+        let t = Instant::now();
+        match self {
+            Copier::Cpu { src, dst } => {
+                for _ in 0..iters {
+                    dst.copy_from_slice(src);
+                    std::hint::black_box(&dst);
+                }
+            }
+            Copier::Gpu {
+                device,
+                queue,
+                pipeline,
+                bind_group,
+                grid,
+            } => {
+                for _ in 0..iters {
+                    let mut enc = device.create_command_encoder(&Default::default());
+                    {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        pass.set_pipeline(pipeline);
+                        pass.set_bind_group(0, &*bind_group, &[]);
+                        pass.dispatch_workgroups(grid.0, grid.1, 1);
+                    }
+                    queue.submit(Some(enc.finish()));
+                }
+                device
+                    .poll(wgpu::PollType::wait_indefinitely())
+                    .expect("device wait failed");
+            }
+        }
+        t.elapsed()
+    }
+}
+
+/// Median milliseconds per call of `f(iters)` (which times `iters` calls): repeats until
+/// `min_reps` samples and `min_time` have passed.
+pub fn median_ms(mut f: impl FnMut(u64) -> Duration, min_reps: usize, min_time: Duration) -> f64 {
+    f(2); // warm-up: pipelines, caches, allocator
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < min_reps || start.elapsed() < min_time {
+        samples.push(f(1).as_secs_f64() * 1e3);
+        if samples.len() > 1000 {
+            break;
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// Every backend to measure: the CPU path and each GPU adapter.
+pub fn contexts() -> Vec<Context> {
+    let mut all = vec![Context::cpu()];
+    for ctx in Context::all_gpus() {
+        match ctx {
+            Ok(c) => all.push(c),
+            Err(e) => eprintln!("skipping unusable adapter: {e}"),
+        }
+    }
+    if all.len() == 1 {
+        eprintln!("!!! no GPU adapter found: only the CPU path is measured");
+    }
+    all
+}
