@@ -40,13 +40,37 @@ fn split(v: View) -> Split {
     }
 }
 
-/// Per-channel pairs of f64 sums: for each channel `c`, over all its values at index `i`,
-/// `(Σ f(i).0, Σ f(i).1)` where `pair(i, c)` gives the two terms. The lane loops are generic
-/// so each caller's closure is inlined into vectorizable code.
-fn reduce_pairs<F>(v: View, pair: F) -> Vec<[f64; 2]>
-where
-    F: Fn(usize, usize) -> (f64, f64) + Sync,
-{
+/// A per-channel reduction to two f64 sums, over contiguous slices (so that the loops
+/// vectorize: no per-element index arithmetic or bounds checks).
+trait PairSums: Sync {
+    /// Sums over `len` values of channel `c` starting at `start`.
+    fn run(&self, start: usize, len: usize, c: usize) -> [f64; 2];
+    /// Adds a channel-contiguous row segment (inner = 1): value `start + k` is channel `c0 + k`.
+    fn row(&self, start: usize, c0: usize, acc: &mut [[f64; 2]]);
+}
+
+/// Sums of `f(value)` in `LANES` independent lanes, then folded.
+#[inline(always)]
+fn lanes2(n: usize, f: impl Fn(usize) -> (f64, f64)) -> [f64; 2] {
+    let mut l0 = [0.0f64; LANES];
+    let mut l1 = [0.0f64; LANES];
+    let full = n / LANES * LANES;
+    for s in (0..full).step_by(LANES) {
+        for l in 0..LANES {
+            let (p, q) = f(s + l);
+            l0[l] += p;
+            l1[l] += q;
+        }
+    }
+    for s in full..n {
+        let (p, q) = f(s);
+        l0[0] += p;
+        l1[0] += q;
+    }
+    [l0.iter().sum(), l1.iter().sum()]
+}
+
+fn reduce_pairs(v: View, r: &impl PairSums) -> Vec<[f64; 2]> {
     let c_n = v.channels;
     if v.numel() == 0 {
         return vec![[0.0; 2]; c_n];
@@ -63,38 +87,15 @@ where
             let o0 = ot * sp.o_chunk;
             let o1 = (o0 + sp.o_chunk).min(v.outer);
             let mut acc = vec![[0.0f64; 2]; c1 - c0];
-            if v.inner == 1 {
-                // Channels are contiguous: one accumulator per channel, loop over channels.
-                for o in o0..o1 {
-                    let base = o * c_n;
-                    for (k, a) in acc.iter_mut().enumerate() {
-                        let (p, q) = pair(base + c0 + k, c0 + k);
-                        a[0] += p;
-                        a[1] += q;
-                    }
-                }
-            } else {
-                for o in o0..o1 {
+            for o in o0..o1 {
+                if v.inner == 1 {
+                    r.row(o * c_n + c0, c0, &mut acc);
+                } else {
                     for (k, a) in acc.iter_mut().enumerate() {
                         let c = c0 + k;
-                        let base = (o * c_n + c) * v.inner;
-                        let mut l0 = [0.0f64; LANES];
-                        let mut l1 = [0.0f64; LANES];
-                        let full = v.inner / LANES * LANES;
-                        for s in (0..full).step_by(LANES) {
-                            for l in 0..LANES {
-                                let (p, q) = pair(base + s + l, c);
-                                l0[l] += p;
-                                l1[l] += q;
-                            }
-                        }
-                        for s in full..v.inner {
-                            let (p, q) = pair(base + s, c);
-                            l0[0] += p;
-                            l1[0] += q;
-                        }
-                        a[0] += l0.iter().sum::<f64>();
-                        a[1] += l1.iter().sum::<f64>();
+                        let [p, q] = r.run((o * c_n + c) * v.inner, v.inner, c);
+                        a[0] += p;
+                        a[1] += q;
                     }
                 }
             }
@@ -111,6 +112,60 @@ where
     out
 }
 
+struct Moments<'a> {
+    x: &'a [f32],
+    shift: &'a [f64],
+}
+
+impl PairSums for Moments<'_> {
+    fn run(&self, start: usize, len: usize, c: usize) -> [f64; 2] {
+        let xs = &self.x[start..start + len];
+        let k = self.shift[c];
+        lanes2(len, |i| {
+            let d = xs[i] as f64 - k;
+            (d, d * d)
+        })
+    }
+    fn row(&self, start: usize, c0: usize, acc: &mut [[f64; 2]]) {
+        let xs = &self.x[start..start + acc.len()];
+        let ks = &self.shift[c0..c0 + acc.len()];
+        for ((a, &v), &k) in acc.iter_mut().zip(xs).zip(ks) {
+            let d = v as f64 - k;
+            a[0] += d;
+            a[1] += d * d;
+        }
+    }
+}
+
+struct GradSums<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    mean: &'a [f32],
+}
+
+impl PairSums for GradSums<'_> {
+    fn run(&self, start: usize, len: usize, c: usize) -> [f64; 2] {
+        let xs = &self.x[start..start + len];
+        let gs = &self.dy[start..start + len];
+        let m = self.mean[c] as f64;
+        lanes2(len, |i| {
+            let g = gs[i] as f64;
+            (g, g * (xs[i] as f64 - m))
+        })
+    }
+    fn row(&self, start: usize, c0: usize, acc: &mut [[f64; 2]]) {
+        let n = acc.len();
+        let xs = &self.x[start..start + n];
+        let gs = &self.dy[start..start + n];
+        let ms = &self.mean[c0..c0 + n];
+        for (((a, &v), &g), &m) in acc.iter_mut().zip(xs).zip(gs).zip(ms) {
+            let g = g as f64;
+            a[0] += g;
+            a[1] += g * (v as f64 - m as f64);
+        }
+    }
+}
+
 /// Per-channel (mean, biased M2) of `x`, in f64.
 pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
     let n = v.per_channel() as f64;
@@ -124,10 +179,7 @@ pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
             }
         })
         .collect();
-    let sums = reduce_pairs(v, |i, c| {
-        let d = x[i] as f64 - shift[c];
-        (d, d * d)
-    });
+    let sums = reduce_pairs(v, &Moments { x, shift: &shift });
     sums.iter()
         .zip(&shift)
         .map(|(s, &k)| {
@@ -142,36 +194,37 @@ pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
 
 /// Per-channel (Σ dy, Σ dy·(x − mean_c)), in f64.
 pub fn grad_sums(x: &[f32], dy: &[f32], mean: &[f32], v: View) -> Vec<(f64, f64)> {
-    reduce_pairs(v, |i, c| {
-        let g = dy[i] as f64;
-        (g, g * (x[i] as f64 - mean[c] as f64))
-    })
-    .into_iter()
-    .map(|s| (s[0], s[1]))
-    .collect()
+    reduce_pairs(v, &GradSums { x, dy, mean })
+        .into_iter()
+        .map(|s| (s[0], s[1]))
+        .collect()
 }
 
-/// out[i] = f(i, c) for every value, rows in parallel.
-fn map_values<F>(v: View, f: F) -> Vec<f32>
-where
-    F: Fn(usize, usize) -> f32 + Sync,
-{
+/// Fills `out` row block by row block in parallel: `f(out_run, start, c)` writes the run of
+/// channel `c` that starts at `start` (`inner` values), or with inner = 1 `g(out_row, start)`
+/// writes a whole channel-contiguous row.
+fn map_runs(
+    v: View,
+    run: impl Fn(&mut [f32], usize, usize) + Sync,
+    row: impl Fn(&mut [f32], usize) + Sync,
+) -> Vec<f32> {
     let mut out = vec![0f32; v.numel()];
-    let row = v.channels * v.inner;
-    if row == 0 {
+    let row_len = v.channels * v.inner;
+    if row_len == 0 {
         return out;
     }
-    let rows_per_task = (TASK_ELEMS / row).max(1);
-    out.par_chunks_mut(rows_per_task * row)
+    let rows_per_task = (TASK_ELEMS / row_len).max(1);
+    out.par_chunks_mut(rows_per_task * row_len)
         .enumerate()
         .for_each(|(t, chunk)| {
-            let first = t * rows_per_task * row;
-            for (r, block) in chunk.chunks_mut(row).enumerate() {
-                let base = first + r * row;
-                for (c, run) in block.chunks_mut(v.inner).enumerate() {
-                    let start = base + c * v.inner;
-                    for (s, o) in run.iter_mut().enumerate() {
-                        *o = f(start + s, c);
+            let first = t * rows_per_task * row_len;
+            for (r, block) in chunk.chunks_mut(row_len).enumerate() {
+                let base = first + r * row_len;
+                if v.inner == 1 {
+                    row(block, base);
+                } else {
+                    for (c, out_run) in block.chunks_mut(v.inner).enumerate() {
+                        run(out_run, base + c * v.inner, c);
                     }
                 }
             }
@@ -181,17 +234,53 @@ where
 
 /// y = (x − m_c)·a_c + b_c with per-channel (m, a, b).
 pub fn affine_centered(x: &[f32], m: &[f32], a: &[f32], b: &[f32], v: View) -> Vec<f32> {
-    map_values(v, |i, c| (x[i] - m[c]) * a[c] + b[c])
+    map_runs(
+        v,
+        |out, start, c| {
+            let (mc, ac, bc) = (m[c], a[c], b[c]);
+            let xs = &x[start..start + out.len()];
+            for (o, &xv) in out.iter_mut().zip(xs) {
+                *o = (xv - mc) * ac + bc;
+            }
+        },
+        |out, start| {
+            let n = out.len();
+            let it = out.iter_mut().zip(&x[start..start + n]);
+            for ((((o, &xv), &mc), &ac), &bc) in it.zip(&m[..n]).zip(&a[..n]).zip(&b[..n]) {
+                *o = (xv - mc) * ac + bc;
+            }
+        },
+    )
 }
 
-/// dx = a_c·dy + k_c·(x − m_c) − d_c (the training backward), or a_c·dy when `k` is None.
+/// Training: dx = a_c·dy + k_c·(x − m_c) − d_c with coef = [m, a, k, d]; eval: dx = a_c·dy.
 pub fn grad_input(x: &[f32], dy: &[f32], coef: &[[f32; 4]], training: bool, v: View) -> Vec<f32> {
-    if training {
-        map_values(v, |i, c| {
+    let at = |start: usize, n: usize| (&x[start..start + n], &dy[start..start + n]);
+    map_runs(
+        v,
+        |out, start, c| {
             let [m, a, k, d] = coef[c];
-            a * dy[i] + k * (x[i] - m) - d
-        })
-    } else {
-        map_values(v, |i, c| coef[c][1] * dy[i])
-    }
+            let (xs, gs) = at(start, out.len());
+            if training {
+                for ((o, &xv), &g) in out.iter_mut().zip(xs).zip(gs) {
+                    *o = a * g + k * (xv - m) - d;
+                }
+            } else {
+                for (o, &g) in out.iter_mut().zip(gs) {
+                    *o = a * g;
+                }
+            }
+        },
+        |out, start| {
+            let (xs, gs) = at(start, out.len());
+            for (((o, &xv), &g), cf) in out.iter_mut().zip(xs).zip(gs).zip(coef) {
+                let [m, a, k, d] = *cf;
+                *o = if training {
+                    a * g + k * (xv - m) - d
+                } else {
+                    a * g
+                };
+            }
+        },
+    )
 }
