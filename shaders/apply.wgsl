@@ -1,6 +1,7 @@
 // Normalize, scale, shift: y = (x − mean)·(γ·invstd) + β.
 // Centring first keeps y accurate when |mean| ≫ std (x·a + b would cancel).
-// Grid-stride loop; the channel of each unit is tracked incrementally, no division per unit.
+// Long runs (FLAG_ROWS): a workgroup per chunk of one run. Otherwise a grid-stride loop
+// that tracks the channel of each unit incrementally, with no division per unit.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
@@ -11,6 +12,22 @@
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = group_index(wid);
     if (g >= p.groups) {
+        return;
+    }
+    if ((p.flags & FLAG_ROWS) != 0u) {
+        let run = g / p.tiles;
+        let c = run % p.channels;
+        let st = stats[c];
+        let prm = state[c];
+        let mean = V(st.x);
+        let scale = prm.x * st.y;
+        let shift = V(prm.y);
+        let begin = (g - run * p.tiles) * p.tile_len;
+        let end = min(begin + p.tile_len, p.inner);
+        let base = run * p.inner;
+        for (var j = begin + lid; j < end; j += WG) {
+            y[base + j] = (x[base + j] - mean) * scale + shift;
+        }
         return;
     }
     var i = g * WG + lid;

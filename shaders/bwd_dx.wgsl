@@ -13,6 +13,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (g >= p.groups) {
         return;
     }
+    let training = (p.flags & FLAG_TRAINING) != 0u;
+    if ((p.flags & FLAG_ROWS) != 0u) {
+        let run = g / p.tiles;
+        let k = coef[run % p.channels];
+        let begin = (g - run * p.tiles) * p.tile_len;
+        let end = min(begin + p.tile_len, p.inner);
+        let base = run * p.inner;
+        if (training) {
+            for (var j = begin + lid; j < end; j += WG) {
+                dx[base + j] = k.y * dy[base + j] + k.z * (x[base + j] - V(k.x)) - V(k.w);
+            }
+        } else {
+            for (var j = begin + lid; j < end; j += WG) {
+                dx[base + j] = k.y * dy[base + j];
+            }
+        }
+        return;
+    }
     var i = g * WG + lid;
     if (i >= p.total) {
         return;
@@ -20,7 +38,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let row = i / p.inner;
     var s = i - row * p.inner;
     var c = row % p.channels;
-    let training = (p.flags & FLAG_TRAINING) != 0u;
     loop {
         let k = coef[c];
         if (training) {

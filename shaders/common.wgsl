@@ -31,6 +31,10 @@ struct Params {
 
 const FLAG_UPDATE_RUNNING: u32 = 1u;
 const FLAG_TRAINING: u32 = 2u;
+// Element-wise kernels: each workgroup takes a chunk of one (outer, channel) run, so the
+// channel is uniform across the workgroup (its parameters are loaded once, not per unit).
+// `tiles` is then chunks per run and `tile_len` units per chunk.
+const FLAG_ROWS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 

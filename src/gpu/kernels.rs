@@ -41,6 +41,7 @@ pub(crate) struct Params {
 
 pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;
 pub(crate) const FLAG_TRAINING: u32 = 2;
+pub(crate) const FLAG_ROWS: u32 = 4;
 
 const PRELUDE_VEC4: &str = include_str!("../../shaders/prelude_vec4.wgsl");
 const PRELUDE_SCALAR: &str = include_str!("../../shaders/prelude_scalar.wgsl");

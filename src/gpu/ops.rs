@@ -4,7 +4,9 @@
 //! operation go into one submission; nothing is read back.
 
 use super::context::GpuContext;
-use super::kernels::{encode, Launch, Params, FLAG_TRAINING, FLAG_UPDATE_RUNNING, WORKGROUP_SIZE};
+use super::kernels::{
+    encode, Launch, Params, FLAG_ROWS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, WORKGROUP_SIZE,
+};
 use crate::error::Result;
 use crate::shape::View;
 
@@ -96,10 +98,22 @@ impl Plan {
         }
     }
 
-    /// Parameters of an element-wise grid-stride pass.
+    /// Parameters of an element-wise pass: a workgroup per chunk of a run when runs are
+    /// long, else a grid-stride loop.
     fn elementwise(&self, flags: u32) -> Params {
         let wg = WORKGROUP_SIZE;
         let inner = self.inner.max(1);
+        if inner >= wg {
+            let tile_len = wg * APPLY_UNITS_PER_THREAD;
+            let tiles = inner.div_ceil(tile_len);
+            return Params {
+                tiles,
+                tile_len,
+                groups: self.outer * self.channels * tiles,
+                flags: flags | FLAG_ROWS,
+                ..self.base()
+            };
+        }
         let groups = self.total.div_ceil(wg * APPLY_UNITS_PER_THREAD).max(1);
         let gstep = groups * wg;
         Params {
