@@ -3,7 +3,9 @@
 //
 // Data model: every tensor is viewed as (outer, channels, inner) in units of V, so that
 // unit (o, c, s) lives at index (o * channels + c) * inner + s. NCHW is (N, C, H·W);
-// (N, C) and channels-last are (N·spatial, C, 1).
+// (N, C) and channels-last are (N·spatial, C, 1). A tensor larger than one storage binding
+// is processed in chunks of whole outer rows; each dispatch then sees one chunk as its
+// tensor (`outer` = rows in the chunk) and reductions place their partials by tile_offset.
 
 // Mirrors `gpu::kernels::Params` (src/gpu/kernels.rs) field for field.
 struct Params {
@@ -25,8 +27,8 @@ struct Params {
     flags: u32,      // FLAG_* below
     eps: f32,
     momentum: f32,   // already resolved: momentum, or 1/num_batches_tracked
-    _pad0: u32,
-    _pad1: u32,
+    tile_stride: u32, // partials per channel over all chunks (reductions)
+    tile_offset: u32, // first partial of this chunk within a channel's partials
 }
 
 const FLAG_UPDATE_RUNNING: u32 = 1u;

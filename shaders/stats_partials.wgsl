@@ -58,6 +58,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     if (lid == 0u) {
-        partials[g] = vec4<f32>(sh[0], 0.0);
+        partials[c * p.tile_stride + p.tile_offset + (g - c * p.tiles)] = vec4<f32>(sh[0], 0.0);
     }
 }

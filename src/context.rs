@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::context::{candidate_adapters, GpuContext};
+use crate::gpu::context::{candidate_adapters, ContextOptions, GpuContext};
 use crate::shape::{Layout, Shape};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -53,14 +53,27 @@ impl Context {
     /// One context per usable adapter (same environment filters as [`Context::new`]),
     /// best first, with the error of each adapter that failed.
     pub fn all_gpus() -> Vec<Result<Self>> {
+        Self::all_gpus_with(ContextOptions::default())
+    }
+
+    /// [`all_gpus`](Self::all_gpus) with options.
+    pub fn all_gpus_with(options: ContextOptions) -> Vec<Result<Self>> {
         let (adapters, _, _) = candidate_adapters();
-        adapters.iter().map(Self::from_adapter).collect()
+        adapters
+            .iter()
+            .map(|a| Self::from_adapter_with(a, options))
+            .collect()
     }
 
     /// A context on a specific adapter.
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        Self::from_adapter_with(adapter, ContextOptions::default())
+    }
+
+    /// A context on a specific adapter, with options.
+    pub fn from_adapter_with(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Self> {
         Ok(Self::with_backend(Backend::Gpu(Arc::new(
-            GpuContext::from_adapter(adapter)?,
+            GpuContext::from_adapter(adapter, options)?,
         ))))
     }
 
@@ -69,7 +82,7 @@ impl Context {
     /// stage and 256-invocation workgroups).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
         Ok(Self::with_backend(Backend::Gpu(Arc::new(
-            GpuContext::from_device(device, queue)?,
+            GpuContext::from_device(device, queue, ContextOptions::default())?,
         ))))
     }
 

@@ -43,7 +43,7 @@ mod shape;
 pub use config::{BatchNormConfig, Momentum};
 pub use context::{Context, Tensor};
 pub use error::{Error, Result};
-pub use gpu::context::REQUIRED_STORAGE_BUFFERS;
+pub use gpu::context::{ContextOptions, REQUIRED_STORAGE_BUFFERS};
 pub use gpu::kernels::{shader_sources, WORKGROUP_SIZE};
 pub use module::{BatchNorm, ForwardOutput, GradMask, Gradients, SavedStats};
 pub use shape::{Layout, Shape};

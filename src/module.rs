@@ -7,7 +7,7 @@ use crate::context::{Backend, Context, Data, Tensor};
 use crate::cpu::fast;
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::ops::{self, BackwardBuffers, ForwardBuffers, Plan};
+use crate::gpu::ops::{self, BackwardBuffers, ForwardBuffers};
 use crate::shape::Shape;
 
 /// What a forward saves for the backward: the per-channel mean it normalized with and
@@ -281,8 +281,7 @@ impl BatchNorm {
             }
             (State::Gpu(state), Data::Gpu(xb)) => {
                 let g = gpu(&self.ctx).expect("GPU state lives in a GPU context");
-                let plan = Plan::new(view);
-                g.check_size((view.numel() * 4) as u64)?;
+                let plan = g.plan(view)?;
                 let (y, saved, partials) = g.guarded(|| {
                     let partials = grow(g, &mut self.scratch, plan.partials_len());
                     (
@@ -406,7 +405,7 @@ impl BatchNorm {
                 }
                 (State::Gpu(state), Data::Gpu(xb), Data::Gpu(dyb), Data::Gpu(sb)) => {
                     let g = gpu(&self.ctx).expect("GPU state lives in a GPU context");
-                    let plan = Plan::new(view);
+                    let plan = g.plan(view)?;
                     let reduce = want_params || (mask.input && training);
                     let (dx, dw, db, coef, partials) = g.guarded(|| {
                         let partials = grow(g, &mut self.scratch, plan.partials_len());

@@ -6,7 +6,18 @@ use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
 use super::kernels::Kernels;
+use super::ops::Plan;
 use crate::error::{Error, Result};
+use crate::shape::View;
+
+/// Options of a GPU [`Context`](crate::Context).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContextOptions {
+    /// Caps the size of one storage binding below the device's
+    /// `max_storage_buffer_binding_size` (at least 256 bytes). Tensors larger than a binding
+    /// are processed in chunks of whole rows; a small cap exercises that path on small data.
+    pub max_binding_size: Option<u64>,
+}
 
 /// Limits the crate needs at minimum (the WebGPU defaults satisfy them): up to 6 storage
 /// buffers and one uniform per kernel, 256-invocation workgroups, 3 KiB of workgroup memory.
@@ -18,6 +29,7 @@ pub(crate) struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub kernels: Kernels,
+    options: ContextOptions,
     lost: Arc<Mutex<Option<String>>>,
     /// An error wgpu raised outside our scopes (only on devices we created); reported by the
     /// next call.
@@ -64,7 +76,7 @@ pub(crate) fn candidate_adapters() -> (Vec<wgpu::Adapter>, String, String) {
 impl GpuContext {
     /// Opens a device on `adapter` with the adapter's own limits (larger storage bindings
     /// than the WebGPU defaults where the hardware has them).
-    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+    pub fn from_adapter(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
         check_limits(&info, &limits)?;
@@ -88,15 +100,19 @@ impl GpuContext {
                 *s = Some(e.to_string());
             }
         }));
-        Self::build(device, queue, info, uncaptured)
+        Self::build(device, queue, info, uncaptured, options)
     }
 
     /// Wraps a device the application already owns. Its uncaptured-error handler stays the
     /// application's.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: ContextOptions,
+    ) -> Result<Self> {
         let info = device.adapter_info();
         check_limits(&info, &device.limits())?;
-        Self::build(device, queue, info, Arc::new(Mutex::new(None)))
+        Self::build(device, queue, info, Arc::new(Mutex::new(None)), options)
     }
 
     fn build(
@@ -104,6 +120,7 @@ impl GpuContext {
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
         uncaptured: Arc<Mutex<Option<String>>>,
+        options: ContextOptions,
     ) -> Result<Self> {
         let lost = Arc::new(Mutex::new(None));
         let lost_flag = lost.clone();
@@ -122,6 +139,7 @@ impl GpuContext {
             info,
             limits,
             kernels,
+            options,
             lost,
             uncaptured,
         })
@@ -151,22 +169,32 @@ impl GpuContext {
         Ok(out)
     }
 
-    /// Largest buffer one binding may cover.
+    /// Largest range one storage binding may cover (the device limit, or the cap set in
+    /// [`ContextOptions`]); larger tensors are processed in chunks.
     pub fn max_binding(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size as u64
+        let device = self.limits.max_storage_buffer_binding_size as u64;
+        self.options
+            .max_binding_size
+            .map_or(device, |cap| cap.clamp(256, device))
     }
 
+    /// How `view` is cut into chunks and workgroups on this device.
+    pub fn plan(&self, view: View) -> Result<Plan> {
+        self.check_size((view.numel() * 4) as u64)?;
+        Plan::new(
+            view,
+            self.max_binding(),
+            self.limits.min_storage_buffer_offset_alignment as u64,
+        )
+    }
+
+    /// Fails for a buffer larger than the device can allocate.
     pub fn check_size(&self, bytes: u64) -> Result<()> {
-        let limit = self.max_binding().min(self.limits.max_buffer_size);
-        if bytes > limit {
+        if bytes > self.limits.max_buffer_size {
             return Err(Error::TooLarge {
                 bytes,
-                limit_name: if self.max_binding() <= self.limits.max_buffer_size {
-                    "max_storage_buffer_binding_size"
-                } else {
-                    "max_buffer_size"
-                },
-                limit,
+                limit_name: "max_buffer_size",
+                limit: self.limits.max_buffer_size,
             });
         }
         Ok(())

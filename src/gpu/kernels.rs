@@ -35,8 +35,8 @@ pub(crate) struct Params {
     pub flags: u32,
     pub eps: f32,
     pub momentum: f32,
-    pub _pad0: u32,
-    pub _pad1: u32,
+    pub tile_stride: u32,
+    pub tile_offset: u32,
 }
 
 pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;
@@ -177,11 +177,27 @@ impl Kernels {
     }
 }
 
+/// A buffer binding: the whole buffer, or a byte range of it (a chunk of a large tensor).
+#[derive(Clone, Copy)]
+pub(crate) struct Bind<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub range: Option<(u64, u64)>,
+}
+
+impl<'a> From<&'a wgpu::Buffer> for Bind<'a> {
+    fn from(buffer: &'a wgpu::Buffer) -> Self {
+        Self {
+            buffer,
+            range: None,
+        }
+    }
+}
+
 /// One dispatch: a kernel, its parameters and its buffers in binding order (from 1).
 pub(crate) struct Launch<'a> {
     pub kernel: &'a Kernel,
     pub params: Params,
-    pub buffers: Vec<&'a wgpu::Buffer>,
+    pub buffers: Vec<Bind<'a>>,
 }
 
 /// Splits `groups` workgroups into a grid no wider than `max_dim` (2-D past the limit).
@@ -227,7 +243,16 @@ pub(crate) fn encode(
                 .enumerate()
                 .map(|(i, b)| wgpu::BindGroupEntry {
                     binding: i as u32 + 1,
-                    resource: b.as_entire_binding(),
+                    resource: match b.range {
+                        None => b.buffer.as_entire_binding(),
+                        Some((offset, size)) => {
+                            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: b.buffer,
+                                offset,
+                                size: wgpu::BufferSize::new(size),
+                            })
+                        }
+                    },
                 }),
         );
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {

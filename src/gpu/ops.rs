@@ -5,9 +5,9 @@
 
 use super::context::GpuContext;
 use super::kernels::{
-    encode, Launch, Params, FLAG_ROWS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, WORKGROUP_SIZE,
+    encode, Bind, Launch, Params, FLAG_ROWS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, WORKGROUP_SIZE,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::shape::View;
 
 /// Reduction workgroups never give a thread more than this many units (keeps each thread's
@@ -19,27 +19,61 @@ const TARGET_GROUPS: u32 = 1024;
 /// Units each thread of the element-wise kernels handles.
 const APPLY_UNITS_PER_THREAD: u32 = 8;
 
-/// How one tensor is cut into workgroups.
+/// How one tensor is cut into binding-sized chunks of whole outer rows, and each chunk into
+/// workgroups.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Plan {
     pub vec4: bool,
-    outer: u32,
     channels: u32,
     /// Units (V) per run.
     inner: u32,
-    total: u32,
+    /// Bytes of one outer row (all channels).
+    row_bytes: u64,
+    outer: u32,
+    rows_per_chunk: u32,
+    chunks: u32,
+    /// Scalars per channel in the whole tensor.
     count: u32,
+    /// Reduction tiles per channel in one (full) chunk, and units per tile.
     tiles: u32,
     tile_len: u32,
 }
 
+/// One chunk: its outer rows and, when the tensor is chunked, its byte range.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    index: u32,
+    rows: u32,
+    range: Option<(u64, u64)>,
+}
+
 impl Plan {
-    pub fn new(v: View) -> Self {
+    /// `max_binding`: the largest storage binding to use; `align`: the device's
+    /// `min_storage_buffer_offset_alignment`.
+    pub fn new(v: View, max_binding: u64, align: u64) -> Result<Self> {
         let vec4 = v.inner % 4 == 0;
         let vw = if vec4 { 4 } else { 1 };
         let inner = (v.inner / vw) as u32;
-        let per_channel = v.outer as u32 * inner;
         let channels = v.channels as u32;
+        let row_bytes = (v.channels * v.inner * 4) as u64;
+        let total_bytes = row_bytes * v.outer as u64;
+        let rows_per_chunk = if total_bytes <= max_binding {
+            v.outer.max(1) as u64
+        } else {
+            // Chunk offsets must be multiples of `align`.
+            let step = align / gcd(row_bytes, align);
+            let rows = max_binding / row_bytes / step * step;
+            if rows == 0 {
+                return Err(Error::TooLarge {
+                    bytes: total_bytes,
+                    limit_name: "max_storage_buffer_binding_size (one outer row must fit)",
+                    limit: max_binding,
+                });
+            }
+            rows
+        } as u32;
+        let chunks = (v.outer as u32).div_ceil(rows_per_chunk).max(1);
+        let per_channel = rows_per_chunk * inner;
         let wg = WORKGROUP_SIZE;
         let tiles_for_work = per_channel.div_ceil(wg * MAX_UNITS_PER_THREAD).max(1);
         let tiles_for_occupancy = TARGET_GROUPS
@@ -48,21 +82,35 @@ impl Plan {
         let tiles = tiles_for_work.max(tiles_for_occupancy);
         let tile_len = per_channel.div_ceil(tiles).next_multiple_of(wg).max(wg);
         let tiles = per_channel.div_ceil(tile_len).max(1);
-        Self {
+        Ok(Self {
             vec4,
-            outer: v.outer as u32,
             channels,
             inner,
-            total: (v.numel() / vw) as u32,
+            row_bytes,
+            outer: v.outer as u32,
+            rows_per_chunk,
+            chunks,
             count: v.per_channel() as u32,
             tiles,
             tile_len,
-        }
+        })
     }
 
-    fn base(&self) -> Params {
+    fn chunk_list(&self) -> Vec<Chunk> {
+        (0..self.chunks)
+            .map(|index| {
+                let o0 = index * self.rows_per_chunk;
+                let rows = self.rows_per_chunk.min(self.outer - o0);
+                let range = (self.chunks > 1)
+                    .then(|| (o0 as u64 * self.row_bytes, rows as u64 * self.row_bytes));
+                Chunk { index, rows, range }
+            })
+            .collect()
+    }
+
+    fn base(&self, rows: u32) -> Params {
         Params {
-            outer: self.outer,
+            outer: rows,
             channels: self.channels,
             inner: self.inner.max(1),
             count: self.count,
@@ -70,8 +118,8 @@ impl Plan {
         }
     }
 
-    /// Parameters of a reduction pass (one workgroup per tile per channel).
-    fn reduce(&self) -> Params {
+    /// Parameters of a reduction pass over one chunk (one workgroup per tile per channel).
+    fn reduce(&self, chunk: &Chunk) -> Params {
         let wg = WORKGROUP_SIZE;
         let inner = self.inner.max(1);
         let (q, r) = (wg / inner, wg % inner);
@@ -82,11 +130,13 @@ impl Plan {
             step_s: r,
             wrap_addr: (self.channels - 1) * inner,
             groups: self.channels * self.tiles,
-            ..self.base()
+            tile_stride: self.tiles * self.chunks,
+            tile_offset: self.tiles * chunk.index,
+            ..self.base(chunk.rows)
         }
     }
 
-    /// Parameters of a per-channel finalize pass over `tiles` partials.
+    /// Parameters of a per-channel finalize pass over `tiles` partials per channel.
     fn finalize(&self, tiles: u32, eps: f32, momentum: f32, flags: u32) -> Params {
         Params {
             tiles,
@@ -94,42 +144,60 @@ impl Plan {
             eps,
             momentum,
             flags,
-            ..self.base()
+            ..self.base(self.outer)
         }
     }
 
-    /// Parameters of an element-wise pass: a workgroup per chunk of a run when runs are
-    /// long, else a grid-stride loop.
-    fn elementwise(&self, flags: u32) -> Params {
+    /// Parameters of an element-wise pass over one chunk: a workgroup per chunk of a run
+    /// when runs are long, else a grid-stride loop.
+    fn elementwise(&self, chunk: &Chunk, flags: u32) -> Params {
         let wg = WORKGROUP_SIZE;
         let inner = self.inner.max(1);
+        let base = self.base(chunk.rows);
         if inner >= wg {
             let tile_len = wg * APPLY_UNITS_PER_THREAD;
             let tiles = inner.div_ceil(tile_len);
             return Params {
                 tiles,
                 tile_len,
-                groups: self.outer * self.channels * tiles,
+                groups: chunk.rows * self.channels * tiles,
                 flags: flags | FLAG_ROWS,
-                ..self.base()
+                ..base
             };
         }
-        let groups = self.total.div_ceil(wg * APPLY_UNITS_PER_THREAD).max(1);
+        let total = chunk.rows * self.channels * self.inner;
+        let groups = total.div_ceil(wg * APPLY_UNITS_PER_THREAD).max(1);
         let gstep = groups * wg;
         Params {
-            total: self.total,
+            total,
             gstep,
             gstep_s: gstep % inner,
             gstep_c: (gstep / inner) % self.channels,
             groups,
             flags,
-            ..self.base()
+            ..base
         }
     }
 
     /// Floats of partials scratch the reductions need.
     pub fn partials_len(&self) -> usize {
-        4 * (self.channels * self.tiles) as usize
+        4 * (self.channels * self.tiles * self.chunks) as usize
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The chunk's slice of a tensor-sized buffer.
+fn part<'a>(buffer: &'a wgpu::Buffer, chunk: &Chunk) -> Bind<'a> {
+    Bind {
+        buffer,
+        range: chunk.range,
     }
 }
 
@@ -153,22 +221,26 @@ pub(crate) fn forward(
     eps: f32,
 ) -> Result<()> {
     let k = &g.kernels;
-    let mut launches = Vec::with_capacity(3);
+    let chunks = plan.chunk_list();
+    let mut launches = Vec::with_capacity(2 * chunks.len() + 1);
     if batch_stats {
-        launches.push(Launch {
-            kernel: k.stats_partials.get(plan.vec4),
-            params: plan.reduce(),
-            buffers: vec![b.x, b.partials],
-        });
+        for chunk in &chunks {
+            launches.push(Launch {
+                kernel: k.stats_partials.get(plan.vec4),
+                params: plan.reduce(chunk),
+                buffers: vec![part(b.x, chunk), b.partials.into()],
+            });
+        }
         let flags = if momentum.is_some() {
             FLAG_UPDATE_RUNNING
         } else {
             0
         };
+        let tiles = plan.tiles * plan.chunks;
         launches.push(Launch {
             kernel: &k.stats_finalize,
-            params: plan.finalize(plan.tiles, eps, momentum.unwrap_or(0.0), flags),
-            buffers: vec![b.partials, b.state, b.saved],
+            params: plan.finalize(tiles, eps, momentum.unwrap_or(0.0), flags),
+            buffers: vec![b.partials.into(), b.state.into(), b.saved.into()],
         });
     } else {
         let mut params = plan.finalize(0, eps, 0.0, 0);
@@ -176,14 +248,21 @@ pub(crate) fn forward(
         launches.push(Launch {
             kernel: &k.stats_running,
             params,
-            buffers: vec![b.state, b.saved],
+            buffers: vec![b.state.into(), b.saved.into()],
         });
     }
-    launches.push(Launch {
-        kernel: k.apply.get(plan.vec4),
-        params: plan.elementwise(0),
-        buffers: vec![b.x, b.saved, b.state, b.y],
-    });
+    for chunk in &chunks {
+        launches.push(Launch {
+            kernel: k.apply.get(plan.vec4),
+            params: plan.elementwise(chunk, 0),
+            buffers: vec![
+                part(b.x, chunk),
+                b.saved.into(),
+                b.state.into(),
+                part(b.y, chunk),
+            ],
+        });
+    }
     run(g, &launches)
 }
 
@@ -211,26 +290,43 @@ pub(crate) fn backward(
 ) -> Result<()> {
     let k = &g.kernels;
     let flags = if training { FLAG_TRAINING } else { 0 };
-    let mut launches = Vec::with_capacity(3);
+    let chunks = plan.chunk_list();
+    let mut launches = Vec::with_capacity(2 * chunks.len() + 1);
     if reduce {
-        launches.push(Launch {
-            kernel: k.bwd_partials.get(plan.vec4),
-            params: plan.reduce(),
-            buffers: vec![b.x, b.dy, b.saved, b.partials],
-        });
+        for chunk in &chunks {
+            launches.push(Launch {
+                kernel: k.bwd_partials.get(plan.vec4),
+                params: plan.reduce(chunk),
+                buffers: vec![
+                    part(b.x, chunk),
+                    part(b.dy, chunk),
+                    b.saved.into(),
+                    b.partials.into(),
+                ],
+            });
+        }
     }
-    let tiles = if reduce { plan.tiles } else { 0 };
+    let tiles = if reduce { plan.tiles * plan.chunks } else { 0 };
     launches.push(Launch {
         kernel: &k.bwd_finalize,
         params: plan.finalize(tiles, 0.0, 0.0, flags),
-        buffers: vec![b.partials, b.saved, b.state, b.dweight, b.dbias, b.coef],
+        buffers: [b.partials, b.saved, b.state, b.dweight, b.dbias, b.coef]
+            .map(Bind::from)
+            .to_vec(),
     });
     if let Some(dx) = b.dx {
-        launches.push(Launch {
-            kernel: k.bwd_dx.get(plan.vec4),
-            params: plan.elementwise(flags),
-            buffers: vec![b.x, b.dy, b.coef, dx],
-        });
+        for chunk in &chunks {
+            launches.push(Launch {
+                kernel: k.bwd_dx.get(plan.vec4),
+                params: plan.elementwise(chunk, flags),
+                buffers: vec![
+                    part(b.x, chunk),
+                    part(b.dy, chunk),
+                    b.coef.into(),
+                    part(dx, chunk),
+                ],
+            });
+        }
     }
     run(g, &launches)
 }

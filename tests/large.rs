@@ -1,0 +1,171 @@
+//! Tensors larger than one storage binding: processed in chunks of whole rows, the caller
+//! sees one tensor. A small binding cap (`ContextOptions::max_binding_size`) exercises the
+//! chunked path on awkward small shapes on every adapter; two real cases (205 MB and 617 MB,
+//! past the 128 MiB default binding limit) run once per adapter.
+
+mod common;
+
+use common::{assert_close, normal};
+use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, ContextOptions, Error, Layout, Shape};
+
+/// GPU contexts whose storage bindings are capped at `cap` bytes.
+fn capped(cap: u64) -> Vec<Context> {
+    common::backends(); // enforces WGPU_BATCHNORM_REQUIRE_BACKENDS and reports missing GPUs
+    Context::all_gpus_with(ContextOptions {
+        max_binding_size: Some(cap),
+    })
+    .into_iter()
+    .collect::<Result<_, _>>()
+    .expect("adapters that work uncapped work capped")
+}
+
+fn check_chunked(dims: &[usize], layout: Layout, cap: u64) {
+    let n: usize = dims.iter().product();
+    let c = dims[1];
+    let shape = Shape::with_layout(dims, layout).unwrap();
+    let xs = normal(n, 11, 3.0, 2.0);
+    let dys = normal(n, 12, 0.0, 1.0);
+    let config = BatchNormConfig::new(c).momentum(0.3);
+    for ctx in capped(cap) {
+        let mut reference = ReferenceBatchNorm::new(config);
+        let mut bn = BatchNorm::new(&ctx, config).unwrap();
+        let x = ctx.tensor_with_layout(&xs, dims, layout).unwrap();
+        let dy = ctx.tensor_with_layout(&dys, dims, layout).unwrap();
+        let what = |s: &str| format!("{s} {dims:?} {layout:?} cap {cap} on {}", ctx.name());
+        for _ in 0..2 {
+            let want = reference.forward_train(&xs, &shape).unwrap();
+            let out = bn.forward_train(&x).unwrap();
+            // f32 normalization of O(1) data: a few ulps of |y| ≲ 4.
+            assert_close(&what("y"), &out.y.to_vec().unwrap(), &want.y, 1e-5, 1e-5);
+            let g = bn.backward(&dy, &x, &out.saved).unwrap();
+            let gw = reference.backward(&dys, &xs, &shape, &want);
+            let dx = g.dx.unwrap().to_vec().unwrap();
+            // dx subtracts per-channel means of O(1) terms: f32 sums over ~1e4 values.
+            assert_close(&what("dx"), &dx, &gw.dx, 1e-4, 1e-4);
+            let dw = g.dweight.unwrap().to_vec().unwrap();
+            // dγ, dβ are sums of n ~ 1e4 products: relative 1e-5 of their magnitude.
+            assert_close(&what("dweight"), &dw, &gw.dweight, 1e-2, 1e-4);
+        }
+        let rm = bn.running_mean().unwrap().unwrap();
+        let rv = bn.running_var().unwrap().unwrap();
+        assert_close(
+            &what("running_mean"),
+            &rm,
+            &reference.running_mean,
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &what("running_var"),
+            &rv,
+            &reference.running_var,
+            1e-5,
+            1e-5,
+        );
+        bn.eval();
+        let want = reference.forward_eval(&xs, &shape).unwrap();
+        let y = bn.forward(&x).unwrap().y.to_vec().unwrap();
+        assert_close(&what("eval y"), &y, &want.y, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn chunked_nchw_scalar_runs() {
+    // Rows of 5·7·3·4 = 420 B; a 64 KiB cap gives chunks of 128 rows (256-B aligned offsets).
+    check_chunked(&[300, 5, 7, 3], Layout::ChannelsFirst, 64 << 10);
+}
+
+#[test]
+fn chunked_nchw_vec4_runs() {
+    // Spatial 16: the vec4 kernels; rows of 3·16·4 = 192 B.
+    check_chunked(&[700, 3, 16], Layout::ChannelsFirst, 32 << 10);
+}
+
+#[test]
+fn chunked_rank2_and_channels_last() {
+    check_chunked(&[5000, 7], Layout::ChannelsFirst, 16 << 10);
+    check_chunked(&[40, 6, 5, 3], Layout::ChannelsLast, 4 << 10);
+}
+
+#[test]
+fn chunked_long_runs_use_row_mapping() {
+    // Spatial 32·64 = 2048 floats per run: the row-mapped element-wise kernels, 2 rows a chunk.
+    check_chunked(&[9, 2, 32, 64], Layout::ChannelsFirst, 32 << 10);
+}
+
+#[test]
+fn a_row_larger_than_a_binding_is_a_typed_error() {
+    for ctx in capped(1024) {
+        let dims = [4, 3, 16, 16]; // rows of 3 KiB
+        let x = ctx
+            .tensor_from_slice(&normal(4 * 3 * 256, 1, 0.0, 1.0), &dims)
+            .unwrap();
+        let mut bn = BatchNorm::new(&ctx, BatchNormConfig::new(3)).unwrap();
+        let before = (bn.running_mean().unwrap(), bn.num_batches_tracked());
+        let err = bn.forward_train(&x).unwrap_err();
+        assert!(
+            matches!(err, Error::TooLarge { .. }),
+            "{err:?} on {}",
+            ctx.name()
+        );
+        assert_eq!(
+            before,
+            (bn.running_mean().unwrap(), bn.num_batches_tracked())
+        );
+    }
+}
+
+/// A real tensor past the default 128 MiB binding limit: training forward on every adapter,
+/// statistics against the f64 reference and y against the CPU path.
+fn past_binding_limit(dims: &[usize]) {
+    let n: usize = dims.iter().product();
+    let xs = normal(n, 5, 1.0, 3.0);
+    let shape = Shape::new(dims).unwrap();
+    let (mean, var) = wgpu_batchnorm::cpu::reference::batch_stats(&xs, &shape);
+    let cpu = Context::cpu();
+    let mut cpu_bn = BatchNorm::new(&cpu, BatchNormConfig::new(dims[1])).unwrap();
+    let cpu_y = cpu_bn
+        .forward_train(&cpu.tensor_from_slice(&xs, dims).unwrap())
+        .unwrap()
+        .y
+        .to_vec()
+        .unwrap();
+    let mut ran = 0;
+    for ctx in common::backends().iter().filter(|c| c.wgpu().is_some()) {
+        let x = ctx.tensor_from_slice(&xs, dims).unwrap();
+        let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(dims[1])).unwrap();
+        let out = bn.forward_train(&x).unwrap();
+        let what = |s: &str| format!("{s} {dims:?} ({} MB) on {}", n * 4 / 1_000_000, ctx.name());
+        // Mean of ~1e6 values per channel: relative 1e-6 of the spread (f32 merges).
+        assert_close(&what("mean"), &out.saved.mean().unwrap(), &mean, 1e-5, 1e-6);
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
+        assert_close(
+            &what("invstd"),
+            &out.saved.invstd().unwrap(),
+            &invstd,
+            1e-6,
+            1e-5,
+        );
+        let y = out.y.to_vec().unwrap();
+        assert_close(
+            &what("y vs CPU path"),
+            &y,
+            &common::widen(&cpu_y),
+            1e-4,
+            1e-4,
+        );
+        ran += 1;
+    }
+    eprintln!("{dims:?}: ran on {ran} adapters");
+}
+
+#[test]
+fn past_binding_limit_205_mb() {
+    past_binding_limit(&[64, 256, 56, 56]);
+}
+
+#[test]
+fn past_binding_limit_617_mb() {
+    past_binding_limit(&[48, 256, 112, 112]);
+}
