@@ -29,6 +29,10 @@ struct Params {
     momentum: f32,   // already resolved: momentum, or 1/num_batches_tracked
     tile_stride: u32, // partials per channel over all chunks (reductions)
     tile_offset: u32, // first partial of this chunk within a channel's partials
+    col_block: u32,   // *_cl kernels: channel quads per workgroup (a power of two ≤ WG)
+    col_blocks: u32,  // *_cl kernels: workgroups across the channel quads
+    _pad0: u32,
+    _pad1: u32,
 }
 
 const FLAG_UPDATE_RUNNING: u32 = 1u;
@@ -78,4 +82,23 @@ fn walker_step(w: ptr<function, Walker>) {
         (*w).s -= p.inner;
         (*w).idx += p.wrap_addr;
     }
+}
+
+// ---- Channels-contiguous kernels (*_cl.wgsl): inner = 1 and C % 4 = 0, i.e. (N, C) input
+// and channels-last. A unit is a vec4 of 4 adjacent channels ("quad"); x is rows of C/4
+// quads. A workgroup covers `col_block` quads × WG/col_block row lanes, so neighbouring
+// invocations read neighbouring addresses (coalesced over C) and each invocation keeps its
+// 4 channels' parameters in registers for all its rows.
+
+struct ColumnPos {
+    q: u32,      // channel quad of this invocation
+    lane: u32,   // row lane within the workgroup
+    lanes: u32,  // row lanes per workgroup
+    tile: u32,   // row tile of this workgroup
+}
+
+fn column_pos(g: u32, lid: u32) -> ColumnPos {
+    let cb = g % p.col_blocks;
+    let col = lid % p.col_block;
+    return ColumnPos(cb * p.col_block + col, lid / p.col_block, WG / p.col_block, g / p.col_blocks);
 }

@@ -89,6 +89,14 @@ fn chunked_rank2_and_channels_last() {
 }
 
 #[test]
+fn chunked_channel_columns() {
+    // inner = 1 and C % 4 = 0: the channels-contiguous (*_cl) kernels.
+    check_chunked(&[3000, 8], Layout::ChannelsFirst, 16 << 10);
+    check_chunked(&[40, 12, 5, 3], Layout::ChannelsLast, 4 << 10);
+    check_chunked(&[20, 1028, 1, 1], Layout::ChannelsLast, 32 << 10);
+}
+
+#[test]
 fn chunked_long_runs_use_row_mapping() {
     // Spatial 32·64 = 2048 floats per run: the row-mapped element-wise kernels, 2 rows a chunk.
     check_chunked(&[9, 2, 32, 64], Layout::ChannelsFirst, 32 << 10);

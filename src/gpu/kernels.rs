@@ -37,6 +37,10 @@ pub(crate) struct Params {
     pub momentum: f32,
     pub tile_stride: u32,
     pub tile_offset: u32,
+    pub col_block: u32,
+    pub col_blocks: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
 }
 
 pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;
@@ -76,6 +80,27 @@ pub(crate) const KERNEL_FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     ("bwd_dx", include_str!("../../shaders/bwd_dx.wgsl"), true),
+    // Channels-contiguous mapping ((N, C) and channels-last with C % 4 = 0): vec4 by design.
+    (
+        "stats_partials_cl",
+        include_str!("../../shaders/stats_partials_cl.wgsl"),
+        false,
+    ),
+    (
+        "apply_cl",
+        include_str!("../../shaders/apply_cl.wgsl"),
+        false,
+    ),
+    (
+        "bwd_partials_cl",
+        include_str!("../../shaders/bwd_partials_cl.wgsl"),
+        false,
+    ),
+    (
+        "bwd_dx_cl",
+        include_str!("../../shaders/bwd_dx_cl.wgsl"),
+        false,
+    ),
 ];
 
 /// The complete WGSL of one kernel variant.
@@ -151,6 +176,10 @@ pub(crate) struct Kernels {
     pub bwd_partials: Variants,
     pub bwd_finalize: Kernel,
     pub bwd_dx: Variants,
+    pub stats_partials_cl: Kernel,
+    pub apply_cl: Kernel,
+    pub bwd_partials_cl: Kernel,
+    pub bwd_dx_cl: Kernel,
 }
 
 impl Kernels {
@@ -173,6 +202,10 @@ impl Kernels {
             bwd_partials: build("bwd_partials"),
             bwd_finalize: build("bwd_finalize").scalar,
             bwd_dx: build("bwd_dx"),
+            stats_partials_cl: build("stats_partials_cl").scalar,
+            apply_cl: build("apply_cl").scalar,
+            bwd_partials_cl: build("bwd_partials_cl").scalar,
+            bwd_dx_cl: build("bwd_dx_cl").scalar,
         }
     }
 }

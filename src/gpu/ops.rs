@@ -5,7 +5,8 @@
 
 use super::context::GpuContext;
 use super::kernels::{
-    encode, Bind, Launch, Params, FLAG_ROWS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, WORKGROUP_SIZE,
+    encode, Bind, Kernel, Launch, Params, Variants, FLAG_ROWS, FLAG_TRAINING, FLAG_UPDATE_RUNNING,
+    WORKGROUP_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::shape::View;
@@ -23,7 +24,7 @@ const APPLY_UNITS_PER_THREAD: u32 = 8;
 /// workgroups.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Plan {
-    pub vec4: bool,
+    mapping: Mapping,
     channels: u32,
     /// Units (V) per run.
     inner: u32,
@@ -37,6 +38,16 @@ pub(crate) struct Plan {
     /// Reduction tiles per channel in one (full) chunk, and units per tile.
     tiles: u32,
     tile_len: u32,
+}
+
+/// How invocations map onto values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mapping {
+    /// Along each channel's runs of `inner` values (vec4 when inner % 4 = 0).
+    Runs { vec4: bool },
+    /// Across channels: inner = 1 and C % 4 = 0 ((N, C) and channels-last). `col_block`
+    /// quads of channels per workgroup, `col_blocks` workgroups across them.
+    Columns { col_block: u32, col_blocks: u32 },
 }
 
 /// One chunk: its outer rows and, when the tensor is chunked, its byte range.
@@ -55,6 +66,17 @@ impl Plan {
         let vw = if vec4 { 4 } else { 1 };
         let inner = (v.inner / vw) as u32;
         let channels = v.channels as u32;
+        let wg = WORKGROUP_SIZE;
+        let mapping = if v.inner == 1 && v.channels % 4 == 0 {
+            let quads = channels / 4;
+            let col_block = 1 << quads.min(wg).ilog2();
+            Mapping::Columns {
+                col_block,
+                col_blocks: quads.div_ceil(col_block),
+            }
+        } else {
+            Mapping::Runs { vec4 }
+        };
         let row_bytes = (v.channels * v.inner * 4) as u64;
         let total_bytes = row_bytes * v.outer as u64;
         let rows_per_chunk = if total_bytes <= max_binding {
@@ -73,17 +95,27 @@ impl Plan {
             rows
         } as u32;
         let chunks = (v.outer as u32).div_ceil(rows_per_chunk).max(1);
-        let per_channel = rows_per_chunk * inner;
-        let wg = WORKGROUP_SIZE;
-        let tiles_for_work = per_channel.div_ceil(wg * MAX_UNITS_PER_THREAD).max(1);
+        // A tile is a range of one channel's units (runs) or of rows (columns); `lanes`
+        // invocations share a tile's work and `across` workgroups share its rows.
+        let (per_tile_space, lanes, across) = match mapping {
+            Mapping::Runs { .. } => (rows_per_chunk * inner, wg, channels),
+            Mapping::Columns {
+                col_block,
+                col_blocks,
+            } => (rows_per_chunk, wg / col_block, col_blocks),
+        };
+        let tiles_for_work = per_tile_space.div_ceil(lanes * MAX_UNITS_PER_THREAD).max(1);
         let tiles_for_occupancy = TARGET_GROUPS
-            .div_ceil(channels.max(1))
-            .min(per_channel.div_ceil(wg * MIN_UNITS_PER_THREAD).max(1));
+            .div_ceil(across.max(1))
+            .min(per_tile_space.div_ceil(lanes * MIN_UNITS_PER_THREAD).max(1));
         let tiles = tiles_for_work.max(tiles_for_occupancy);
-        let tile_len = per_channel.div_ceil(tiles).next_multiple_of(wg).max(wg);
-        let tiles = per_channel.div_ceil(tile_len).max(1);
+        let tile_len = per_tile_space
+            .div_ceil(tiles)
+            .next_multiple_of(lanes)
+            .max(lanes);
+        let tiles = per_tile_space.div_ceil(tile_len).max(1);
         Ok(Self {
-            vec4,
+            mapping,
             channels,
             inner,
             row_bytes,
@@ -121,6 +153,22 @@ impl Plan {
     /// Parameters of a reduction pass over one chunk (one workgroup per tile per channel).
     fn reduce(&self, chunk: &Chunk) -> Params {
         let wg = WORKGROUP_SIZE;
+        if let Mapping::Columns {
+            col_block,
+            col_blocks,
+        } = self.mapping
+        {
+            return Params {
+                tiles: self.tiles,
+                tile_len: self.tile_len,
+                groups: col_blocks * self.tiles,
+                tile_stride: self.tiles * self.chunks,
+                tile_offset: self.tiles * chunk.index,
+                col_block,
+                col_blocks,
+                ..self.base(chunk.rows)
+            };
+        }
         let inner = self.inner.max(1);
         let (q, r) = (wg / inner, wg % inner);
         Params {
@@ -154,6 +202,23 @@ impl Plan {
         let wg = WORKGROUP_SIZE;
         let inner = self.inner.max(1);
         let base = self.base(chunk.rows);
+        if let Mapping::Columns {
+            col_block,
+            col_blocks,
+        } = self.mapping
+        {
+            let tile_len = wg / col_block * APPLY_UNITS_PER_THREAD;
+            let tiles = chunk.rows.div_ceil(tile_len);
+            return Params {
+                tiles,
+                tile_len,
+                groups: col_blocks * tiles,
+                col_block,
+                col_blocks,
+                flags,
+                ..base
+            };
+        }
         if inner >= wg {
             let tile_len = wg * APPLY_UNITS_PER_THREAD;
             let tiles = inner.div_ceil(tile_len);
@@ -176,6 +241,14 @@ impl Plan {
             groups,
             flags,
             ..base
+        }
+    }
+
+    /// The kernel of this plan's mapping: `runs` (vec4 or scalar variant) or `columns`.
+    fn pick<'k>(&self, runs: &'k Variants, columns: &'k Kernel) -> &'k Kernel {
+        match self.mapping {
+            Mapping::Runs { vec4 } => runs.get(vec4),
+            Mapping::Columns { .. } => columns,
         }
     }
 
@@ -226,7 +299,7 @@ pub(crate) fn forward(
     if batch_stats {
         for chunk in &chunks {
             launches.push(Launch {
-                kernel: k.stats_partials.get(plan.vec4),
+                kernel: plan.pick(&k.stats_partials, &k.stats_partials_cl),
                 params: plan.reduce(chunk),
                 buffers: vec![part(b.x, chunk), b.partials.into()],
             });
@@ -253,7 +326,7 @@ pub(crate) fn forward(
     }
     for chunk in &chunks {
         launches.push(Launch {
-            kernel: k.apply.get(plan.vec4),
+            kernel: plan.pick(&k.apply, &k.apply_cl),
             params: plan.elementwise(chunk, 0),
             buffers: vec![
                 part(b.x, chunk),
@@ -295,7 +368,7 @@ pub(crate) fn backward(
     if reduce {
         for chunk in &chunks {
             launches.push(Launch {
-                kernel: k.bwd_partials.get(plan.vec4),
+                kernel: plan.pick(&k.bwd_partials, &k.bwd_partials_cl),
                 params: plan.reduce(chunk),
                 buffers: vec![
                     part(b.x, chunk),
@@ -317,7 +390,7 @@ pub(crate) fn backward(
     if let Some(dx) = b.dx {
         for chunk in &chunks {
             launches.push(Launch {
-                kernel: k.bwd_dx.get(plan.vec4),
+                kernel: plan.pick(&k.bwd_dx, &k.bwd_dx_cl),
                 params: plan.elementwise(chunk, flags),
                 buffers: vec![
                     part(b.x, chunk),
