@@ -1,6 +1,7 @@
-// Backward, pass 2 over the data: dx = a·dy + b·(x − μ) − a·mean(dy), coefficients per channel
-// from bwd_finalize. Grid-stride like apply.wgsl; reads x and dy once, writes dx once.
-// In eval mode dx = a·dy exactly, x is not read (so a non-finite x cannot leak into dx).
+// Backward, pass 2 over the data, for long runs (see apply.wgsl):
+//   dx = a·dy + b·(x − μ) − a·mean(dy), coefficients per channel from bwd_finalize.
+// Reads x and dy once, writes dx once. In eval mode dx = a·dy exactly and x is not read (a
+// non-finite x cannot leak into dx). Short runs use bwd_dx_cols.wgsl.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> dy: array<V>;
@@ -13,50 +14,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (g >= p.groups) {
         return;
     }
-    let training = (p.flags & FLAG_TRAINING) != 0u;
-    if ((p.flags & FLAG_ROWS) != 0u) {
-        let run = g / p.tiles;
-        let k = coef[run % p.channels];
-        let begin = (g - run * p.tiles) * p.tile_len;
-        let end = min(begin + p.tile_len, p.inner);
-        let base = run * p.inner;
-        if (training) {
-            for (var j = begin + lid; j < end; j += WG) {
-                dx[base + j] = k.y * dy[base + j] + k.z * (x[base + j] - V(k.x)) - V(k.w);
-            }
-        } else {
-            for (var j = begin + lid; j < end; j += WG) {
-                dx[base + j] = k.y * dy[base + j];
-            }
+    let run = g / p.tiles;
+    let k = coef[run % p.channels];
+    let begin = (g - run * p.tiles) * p.tile_len;
+    let end = min(begin + p.tile_len, p.inner);
+    let base = run * p.inner;
+    if ((p.flags & FLAG_TRAINING) != 0u) {
+        for (var j = begin + lid; j < end; j += WG) {
+            dx[base + j] = k.y * dy[base + j] + k.z * (x[base + j] - V(k.x)) - V(k.w);
         }
-        return;
-    }
-    var i = g * WG + lid;
-    if (i >= p.total) {
-        return;
-    }
-    let row = i / p.inner;
-    var s = i - row * p.inner;
-    var c = row % p.channels;
-    loop {
-        let k = coef[c];
-        if (training) {
-            dx[i] = k.y * dy[i] + k.z * (x[i] - V(k.x)) - V(k.w);
-        } else {
-            dx[i] = k.y * dy[i];
-        }
-        i += p.gstep;
-        if (i >= p.total) {
-            break;
-        }
-        s += p.gstep_s;
-        c += p.gstep_c;
-        if (s >= p.inner) {
-            s -= p.inner;
-            c += 1u;
-        }
-        if (c >= p.channels) {
-            c -= p.channels;
+    } else {
+        for (var j = begin + lid; j < end; j += WG) {
+            dx[base + j] = k.y * dy[base + j];
         }
     }
 }

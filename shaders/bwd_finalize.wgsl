@@ -15,10 +15,22 @@ var<workgroup> sh: array<vec2<f32>, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let c = group_index(wid);
-    if (c >= p.groups) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
         return;
     }
+    if ((p.flags & FLAG_THREAD_PER_CHANNEL) != 0u) {
+        let c = g * WG + lid;
+        if (c < p.channels) {
+            var acc = vec2<f32>(0.0);
+            for (var t = 0u; t < p.tiles; t++) {
+                acc += partials[c * p.tiles + t].xy;
+            }
+            finish(c, acc);
+        }
+        return;
+    }
+    let c = g;
     var acc = vec2<f32>(0.0);
     for (var t = lid; t < p.tiles; t += WG) {
         acc += partials[c * p.tiles + t].xy;
@@ -32,8 +44,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let sum_dy = sh[0].x;
-        let sum_dyx = sh[0].y;
+        finish(c, sh[0]);
+    }
+}
+
+// Writes channel c's dγ, dβ and dx coefficients from its (Σ dy, Σ dy·(x − μ)).
+fn finish(c: u32, sums: vec2<f32>) {
+    {
+        let sum_dy = sums.x;
+        let sum_dyx = sums.y;
         let st = stats[c];
         let gamma = state[c].x;
         let n = f32(p.count);

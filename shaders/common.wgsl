@@ -17,10 +17,7 @@ struct Params {
     step_addr: u32,  // walker: index advance for WG units of one channel
     step_s: u32,     // walker: position-in-run advance for WG units
     wrap_addr: u32,  // walker: extra advance when the run position wraps
-    total: u32,      // grid-stride kernels: units in the tensor
-    gstep: u32,      // grid-stride kernels: threads in the grid
-    gstep_s: u32,    // gstep % inner
-    gstep_c: u32,    // (gstep / inner) % channels
+    total: u32,      // *_cols kernels: units per outer row
     count: u32,      // scalars per channel (N·spatial)
     groups: u32,     // workgroups that do work (the grid may be larger)
     groups_x: u32,   // width of the 2-D grid
@@ -29,18 +26,16 @@ struct Params {
     momentum: f32,   // already resolved: momentum, or 1/num_batches_tracked
     tile_stride: u32, // partials per channel over all chunks (reductions)
     tile_offset: u32, // first partial of this chunk within a channel's partials
-    col_block: u32,   // *_cl kernels: channel quads per workgroup (a power of two ≤ WG)
-    col_blocks: u32,  // *_cl kernels: workgroups across the channel quads
+    col_block: u32,   // column kernels: unit columns per workgroup (a power of two ≤ WG)
+    col_blocks: u32,  // column kernels: workgroups across the unit columns
     _pad0: u32,
-    _pad1: u32,
 }
 
 const FLAG_UPDATE_RUNNING: u32 = 1u;
 const FLAG_TRAINING: u32 = 2u;
-// Element-wise kernels: each workgroup takes a chunk of one (outer, channel) run, so the
-// channel is uniform across the workgroup (its parameters are loaded once, not per unit).
-// `tiles` is then chunks per run and `tile_len` units per chunk.
-const FLAG_ROWS: u32 = 4u;
+// Finalize kernels: one invocation per channel merges all its partials (few tiles), instead
+// of one workgroup per channel with a tree merge (many tiles).
+const FLAG_THREAD_PER_CHANNEL: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -84,14 +79,14 @@ fn walker_step(w: ptr<function, Walker>) {
     }
 }
 
-// ---- Channels-contiguous kernels (*_cl.wgsl): inner = 1 and C % 4 = 0, i.e. (N, C) input
-// and channels-last. A unit is a vec4 of 4 adjacent channels ("quad"); x is rows of C/4
-// quads. A workgroup covers `col_block` quads × WG/col_block row lanes, so neighbouring
-// invocations read neighbouring addresses (coalesced over C) and each invocation keeps its
-// 4 channels' parameters in registers for all its rows.
+// ---- Column mappings (*_cl.wgsl, *_cols.wgsl): the tensor as rows (one per outer index)
+// of units. A workgroup covers `col_block` unit columns × WG/col_block row lanes, so
+// neighbouring invocations read neighbouring addresses and each invocation keeps its
+// columns' per-channel parameters in registers for all its rows. *_cl kernels: inner = 1
+// and C % 4 = 0 ((N, C) and channels-last), a unit is a quad of adjacent channels.
 
 struct ColumnPos {
-    q: u32,      // channel quad of this invocation
+    q: u32,      // unit column of this invocation
     lane: u32,   // row lane within the workgroup
     lanes: u32,  // row lanes per workgroup
     tile: u32,   // row tile of this workgroup

@@ -10,10 +10,22 @@ var<workgroup> sh: array<vec3<f32>, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let c = group_index(wid);
-    if (c >= p.groups) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
         return;
     }
+    if ((p.flags & FLAG_THREAD_PER_CHANNEL) != 0u) {
+        let c = g * WG + lid;
+        if (c < p.channels) {
+            var acc = vec3<f32>(0.0);
+            for (var t = 0u; t < p.tiles; t++) {
+                acc = chan_merge(acc, partials[c * p.tiles + t].xyz);
+            }
+            finish(c, acc);
+        }
+        return;
+    }
+    let c = g;
     var acc = vec3<f32>(0.0);
     for (var t = lid; t < p.tiles; t += WG) {
         acc = chan_merge(acc, partials[c * p.tiles + t].xyz);
@@ -27,8 +39,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let mean = sh[0].y;
-        let m2 = sh[0].z;
+        finish(c, sh[0]);
+    }
+}
+
+// Writes channel c's saved statistics and updates its running statistics.
+fn finish(c: u32, r: vec3<f32>) {
+    {
+        let mean = r.y;
+        let m2 = r.z;
         // The exact count comes from the host: f32 sums of counts drift past 2^24.
         let n = f32(p.count);
         let invstd = 1.0 / sqrt(m2 / n + p.eps);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
 use super::kernels::Kernels;
-use super::ops::Plan;
+use super::ops::{Plan, Tuning};
 use crate::error::{Error, Result};
 use crate::shape::View;
 
@@ -185,6 +185,7 @@ impl GpuContext {
             view,
             self.max_binding(),
             self.limits.min_storage_buffer_offset_alignment as u64,
+            Tuning::for_device(self.info.device_type),
         )
     }
 

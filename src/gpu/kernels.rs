@@ -26,9 +26,6 @@ pub(crate) struct Params {
     pub step_s: u32,
     pub wrap_addr: u32,
     pub total: u32,
-    pub gstep: u32,
-    pub gstep_s: u32,
-    pub gstep_c: u32,
     pub count: u32,
     pub groups: u32,
     pub groups_x: u32,
@@ -40,12 +37,11 @@ pub(crate) struct Params {
     pub col_block: u32,
     pub col_blocks: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
 }
 
 pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;
 pub(crate) const FLAG_TRAINING: u32 = 2;
-pub(crate) const FLAG_ROWS: u32 = 4;
+pub(crate) const FLAG_THREAD_PER_CHANNEL: u32 = 8;
 
 const PRELUDE_VEC4: &str = include_str!("../../shaders/prelude_vec4.wgsl");
 const PRELUDE_SCALAR: &str = include_str!("../../shaders/prelude_scalar.wgsl");
@@ -80,16 +76,17 @@ pub(crate) const KERNEL_FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     ("bwd_dx", include_str!("../../shaders/bwd_dx.wgsl"), true),
-    // Channels-contiguous mapping ((N, C) and channels-last with C % 4 = 0): vec4 by design.
+    // Column mappings: reductions for (N, C) and channels-last with C % 4 = 0 (vec4 by
+    // design), element-wise passes for every short-run layout.
     (
         "stats_partials_cl",
         include_str!("../../shaders/stats_partials_cl.wgsl"),
         false,
     ),
     (
-        "apply_cl",
-        include_str!("../../shaders/apply_cl.wgsl"),
-        false,
+        "apply_cols",
+        include_str!("../../shaders/apply_cols.wgsl"),
+        true,
     ),
     (
         "bwd_partials_cl",
@@ -97,9 +94,9 @@ pub(crate) const KERNEL_FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
-        "bwd_dx_cl",
-        include_str!("../../shaders/bwd_dx_cl.wgsl"),
-        false,
+        "bwd_dx_cols",
+        include_str!("../../shaders/bwd_dx_cols.wgsl"),
+        true,
     ),
 ];
 
@@ -177,9 +174,9 @@ pub(crate) struct Kernels {
     pub bwd_finalize: Kernel,
     pub bwd_dx: Variants,
     pub stats_partials_cl: Kernel,
-    pub apply_cl: Kernel,
+    pub apply_cols: Variants,
     pub bwd_partials_cl: Kernel,
-    pub bwd_dx_cl: Kernel,
+    pub bwd_dx_cols: Variants,
 }
 
 impl Kernels {
@@ -203,9 +200,9 @@ impl Kernels {
             bwd_finalize: build("bwd_finalize").scalar,
             bwd_dx: build("bwd_dx"),
             stats_partials_cl: build("stats_partials_cl").scalar,
-            apply_cl: build("apply_cl").scalar,
+            apply_cols: build("apply_cols"),
             bwd_partials_cl: build("bwd_partials_cl").scalar,
-            bwd_dx_cl: build("bwd_dx_cl").scalar,
+            bwd_dx_cols: build("bwd_dx_cols"),
         }
     }
 }

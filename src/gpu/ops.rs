@@ -5,18 +5,44 @@
 
 use super::context::GpuContext;
 use super::kernels::{
-    encode, Bind, Kernel, Launch, Params, Variants, FLAG_ROWS, FLAG_TRAINING, FLAG_UPDATE_RUNNING,
-    WORKGROUP_SIZE,
+    encode, Bind, Kernel, Launch, Params, Variants, FLAG_THREAD_PER_CHANNEL, FLAG_TRAINING,
+    FLAG_UPDATE_RUNNING, WORKGROUP_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::shape::View;
 
-/// Reduction workgroups never give a thread more than this many units (keeps each thread's
-/// shifted sums short), nor fewer than `MIN_UNITS_PER_THREAD` when splitting for occupancy.
-const MAX_UNITS_PER_THREAD: u32 = 32;
+/// Reduction invocations get at least this many units when a tile is split for occupancy.
 const MIN_UNITS_PER_THREAD: u32 = 4;
-/// Reduction workgroups to aim for when channels alone are too few to fill a device.
-const TARGET_GROUPS: u32 = 1024;
+/// A finalize pass merges per channel in one invocation up to this many partials, and with a
+/// whole workgroup (tree merge) beyond.
+const FINALIZE_THREAD_MAX_TILES: u32 = 64;
+
+/// How a device likes its work cut.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuning {
+    /// Reduction workgroups to aim for when channels alone are too few to fill the device.
+    pub target_groups: u32,
+    /// Most units one reduction invocation accumulates (its shifted sums stay short).
+    pub max_units_per_thread: u32,
+}
+
+impl Tuning {
+    /// GPUs want thousands of workgroups in flight. CPU implementations of Vulkan/GL run a
+    /// workgroup per core at a time and pay for every barrier of every workgroup, so they
+    /// want few, long workgroups.
+    pub fn for_device(device_type: wgpu::DeviceType) -> Self {
+        match device_type {
+            wgpu::DeviceType::Cpu => Self {
+                target_groups: 16,
+                max_units_per_thread: 256,
+            },
+            _ => Self {
+                target_groups: 1024,
+                max_units_per_thread: 32,
+            },
+        }
+    }
+}
 /// Units each thread of the element-wise kernels handles.
 const APPLY_UNITS_PER_THREAD: u32 = 8;
 
@@ -28,6 +54,8 @@ pub(crate) struct Plan {
     channels: u32,
     /// Units (V) per run.
     inner: u32,
+    /// Values per run (the spatial size for channels-first; 1 for channels-last).
+    run_len: u32,
     /// Bytes of one outer row (all channels).
     row_bytes: u64,
     outer: u32,
@@ -61,7 +89,7 @@ struct Chunk {
 impl Plan {
     /// `max_binding`: the largest storage binding to use; `align`: the device's
     /// `min_storage_buffer_offset_alignment`.
-    pub fn new(v: View, max_binding: u64, align: u64) -> Result<Self> {
+    pub fn new(v: View, max_binding: u64, align: u64, tuning: Tuning) -> Result<Self> {
         let vec4 = v.inner % 4 == 0;
         let vw = if vec4 { 4 } else { 1 };
         let inner = (v.inner / vw) as u32;
@@ -104,8 +132,11 @@ impl Plan {
                 col_blocks,
             } => (rows_per_chunk, wg / col_block, col_blocks),
         };
-        let tiles_for_work = per_tile_space.div_ceil(lanes * MAX_UNITS_PER_THREAD).max(1);
-        let tiles_for_occupancy = TARGET_GROUPS
+        let tiles_for_work = per_tile_space
+            .div_ceil(lanes * tuning.max_units_per_thread)
+            .max(1);
+        let tiles_for_occupancy = tuning
+            .target_groups
             .div_ceil(across.max(1))
             .min(per_tile_space.div_ceil(lanes * MIN_UNITS_PER_THREAD).max(1));
         let tiles = tiles_for_work.max(tiles_for_occupancy);
@@ -118,6 +149,7 @@ impl Plan {
             mapping,
             channels,
             inner,
+            run_len: v.inner as u32,
             row_bytes,
             outer: v.outer as u32,
             rows_per_chunk,
@@ -186,9 +218,17 @@ impl Plan {
 
     /// Parameters of a per-channel finalize pass over `tiles` partials per channel.
     fn finalize(&self, tiles: u32, eps: f32, momentum: f32, flags: u32) -> Params {
+        let (groups, flags) = if tiles <= FINALIZE_THREAD_MAX_TILES {
+            (
+                self.channels.div_ceil(WORKGROUP_SIZE),
+                flags | FLAG_THREAD_PER_CHANNEL,
+            )
+        } else {
+            (self.channels, flags)
+        };
         Params {
             tiles,
-            groups: self.channels,
+            groups,
             eps,
             momentum,
             flags,
@@ -196,51 +236,57 @@ impl Plan {
         }
     }
 
-    /// Parameters of an element-wise pass over one chunk: a workgroup per chunk of a run
-    /// when runs are long, else a grid-stride loop.
+    /// Whether element-wise passes use the row mapping (a workgroup per chunk of one run:
+    /// long runs) rather than the column mapping (short runs, (N, C), channels-last).
+    fn long_runs(&self) -> bool {
+        matches!(self.mapping, Mapping::Runs { .. }) && self.inner >= WORKGROUP_SIZE
+    }
+
+    /// Parameters of an element-wise pass over one chunk.
     fn elementwise(&self, chunk: &Chunk, flags: u32) -> Params {
         let wg = WORKGROUP_SIZE;
-        let inner = self.inner.max(1);
         let base = self.base(chunk.rows);
-        if let Mapping::Columns {
-            col_block,
-            col_blocks,
-        } = self.mapping
-        {
-            let tile_len = wg / col_block * APPLY_UNITS_PER_THREAD;
-            let tiles = chunk.rows.div_ceil(tile_len);
-            return Params {
-                tiles,
-                tile_len,
-                groups: col_blocks * tiles,
-                col_block,
-                col_blocks,
-                flags,
-                ..base
-            };
-        }
-        if inner >= wg {
+        if self.long_runs() {
             let tile_len = wg * APPLY_UNITS_PER_THREAD;
-            let tiles = inner.div_ceil(tile_len);
+            let tiles = self.inner.div_ceil(tile_len);
             return Params {
                 tiles,
                 tile_len,
                 groups: chunk.rows * self.channels * tiles,
-                flags: flags | FLAG_ROWS,
+                flags,
                 ..base
             };
         }
-        let total = chunk.rows * self.channels * self.inner;
-        let groups = total.div_ceil(wg * APPLY_UNITS_PER_THREAD).max(1);
-        let gstep = groups * wg;
+        // Columns: rows of C·run_len values, in units of 4 when that divides.
+        let row_len = self.channels * self.run_len;
+        let units = if row_len % 4 == 0 {
+            row_len / 4
+        } else {
+            row_len
+        };
+        let col_block = 1 << units.clamp(1, wg).ilog2();
+        let col_blocks = units.div_ceil(col_block);
+        let tile_len = wg / col_block * APPLY_UNITS_PER_THREAD;
+        let tiles = chunk.rows.div_ceil(tile_len);
         Params {
-            total,
-            gstep,
-            gstep_s: gstep % inner,
-            gstep_c: (gstep / inner) % self.channels,
-            groups,
+            inner: self.run_len.max(1),
+            total: units,
+            tiles,
+            tile_len,
+            groups: col_blocks * tiles,
+            col_block,
+            col_blocks,
             flags,
             ..base
+        }
+    }
+
+    /// The element-wise kernel: `rows` for long runs, else `cols` (vec4 when rows of
+    /// C·run_len values divide into vec4).
+    fn pick_elementwise<'k>(&self, rows: &'k Variants, cols: &'k Variants) -> &'k Kernel {
+        match self.mapping {
+            Mapping::Runs { vec4 } if self.long_runs() => rows.get(vec4),
+            _ => cols.get((self.channels * self.run_len) % 4 == 0),
         }
     }
 
@@ -326,7 +372,7 @@ pub(crate) fn forward(
     }
     for chunk in &chunks {
         launches.push(Launch {
-            kernel: plan.pick(&k.apply, &k.apply_cl),
+            kernel: plan.pick_elementwise(&k.apply, &k.apply_cols),
             params: plan.elementwise(chunk, 0),
             buffers: vec![
                 part(b.x, chunk),
@@ -390,7 +436,7 @@ pub(crate) fn backward(
     if let Some(dx) = b.dx {
         for chunk in &chunks {
             launches.push(Launch {
-                kernel: plan.pick(&k.bwd_dx, &k.bwd_dx_cl),
+                kernel: plan.pick_elementwise(&k.bwd_dx, &k.bwd_dx_cols),
                 params: plan.elementwise(chunk, flags),
                 buffers: vec![
                     part(b.x, chunk),

@@ -1,0 +1,39 @@
+// Normalize, scale, shift for short runs: (N, C), channels-last, and NCHW with a small
+// spatial size. The tensor is rows of `total` units (one outer index: C·spatial values);
+// each invocation owns one unit column, works out the channel of each of its lanes once,
+// keeps their (mean, γ·invstd, β) in registers, and streams its rows. Neighbouring
+// invocations touch neighbouring addresses.
+
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
+@group(0) @binding(3) var<storage, read> state: array<vec4<f32>>; // (γ, β, running_mean, running_var)
+@group(0) @binding(4) var<storage, read_write> y: array<V>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
+        return;
+    }
+    let pos = column_pos(g, lid);
+    if (pos.q >= p.total) {
+        return;
+    }
+    var mean = V(0.0);
+    var scale = V(0.0);
+    var shift = V(0.0);
+    for (var l = 0u; l < VW; l++) {
+        let c = (pos.q * VW + l) / p.inner;
+        let st = stats[c];
+        let prm = state[c];
+        set_lane(&mean, l, st.x);
+        set_lane(&scale, l, prm.x * st.y);
+        set_lane(&shift, l, prm.y);
+    }
+    let row0 = pos.tile * p.tile_len;
+    let row1 = min(row0 + p.tile_len, p.outer);
+    for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+        let i = o * p.total + pos.q;
+        y[i] = (x[i] - mean) * scale + shift;
+    }
+}

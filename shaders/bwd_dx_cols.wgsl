@@ -1,0 +1,43 @@
+// Backward dx for short runs, in the column mapping of apply_cols.wgsl: each invocation
+// loads its lanes' coefficients (μ, a, b, a·mean(dy)) once and streams its rows.
+
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read> dy: array<V>;
+@group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>; // (μ, a, b, a·mean(dy))
+@group(0) @binding(4) var<storage, read_write> dx: array<V>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
+        return;
+    }
+    let pos = column_pos(g, lid);
+    if (pos.q >= p.total) {
+        return;
+    }
+    var mu = V(0.0);
+    var a = V(0.0);
+    var b = V(0.0);
+    var d = V(0.0);
+    for (var l = 0u; l < VW; l++) {
+        let k = coef[(pos.q * VW + l) / p.inner];
+        set_lane(&mu, l, k.x);
+        set_lane(&a, l, k.y);
+        set_lane(&b, l, k.z);
+        set_lane(&d, l, k.w);
+    }
+    let row0 = pos.tile * p.tile_len;
+    let row1 = min(row0 + p.tile_len, p.outer);
+    if ((p.flags & FLAG_TRAINING) != 0u) {
+        for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            let i = o * p.total + pos.q;
+            dx[i] = a * dy[i] + b * (x[i] - mu) - d;
+        }
+    } else {
+        for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            let i = o * p.total + pos.q;
+            dx[i] = a * dy[i];
+        }
+    }
+}
