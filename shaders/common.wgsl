@@ -79,11 +79,12 @@ fn walker_step(w: ptr<function, Walker>) {
     }
 }
 
-// ---- Column mappings (*_cl.wgsl, *_cols.wgsl): the tensor as rows (one per outer index)
-// of units. A workgroup covers `col_block` unit columns × WG/col_block row lanes, so
-// neighbouring invocations read neighbouring addresses and each invocation keeps its
-// columns' per-channel parameters in registers for all its rows. *_cl kernels: inner = 1
-// and C % 4 = 0 ((N, C) and channels-last), a unit is a quad of adjacent channels.
+// ---- Column mapping (*_cols.wgsl), for short runs: (N, C), channels-last, and NCHW with a
+// small spatial size. The tensor is rows (one per outer index) of C·run values, in units
+// of V; `total` units per row, `inner` = values per run, so the channel of value column j
+// is j / inner. A workgroup covers `col_block` unit columns × WG/col_block row lanes:
+// neighbouring invocations read neighbouring addresses, and each invocation keeps its
+// columns' per-channel parameters in registers for all its rows.
 
 struct ColumnPos {
     q: u32,      // unit column of this invocation

@@ -5,3 +5,5 @@ const VW: u32 = 4u;
 fn hsum(v: V) -> f32 { return v.x + v.y + v.z + v.w; }
 // Sets lane l of a V.
 fn set_lane(v: ptr<function, V>, l: u32, value: f32) { (*v)[l] = value; }
+// Lane l of a V.
+fn get_lane(v: V, l: u32) -> f32 { return v[l]; }

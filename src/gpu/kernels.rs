@@ -76,12 +76,11 @@ pub(crate) const KERNEL_FILES: &[(&str, &str, bool)] = &[
         false,
     ),
     ("bwd_dx", include_str!("../../shaders/bwd_dx.wgsl"), true),
-    // Column mappings: reductions for (N, C) and channels-last with C % 4 = 0 (vec4 by
-    // design), element-wise passes for every short-run layout.
+    // Column mapping, for short runs: (N, C), channels-last, NCHW with small spatial size.
     (
-        "stats_partials_cl",
-        include_str!("../../shaders/stats_partials_cl.wgsl"),
-        false,
+        "stats_partials_cols",
+        include_str!("../../shaders/stats_partials_cols.wgsl"),
+        true,
     ),
     (
         "apply_cols",
@@ -89,9 +88,9 @@ pub(crate) const KERNEL_FILES: &[(&str, &str, bool)] = &[
         true,
     ),
     (
-        "bwd_partials_cl",
-        include_str!("../../shaders/bwd_partials_cl.wgsl"),
-        false,
+        "bwd_partials_cols",
+        include_str!("../../shaders/bwd_partials_cols.wgsl"),
+        true,
     ),
     (
         "bwd_dx_cols",
@@ -173,9 +172,9 @@ pub(crate) struct Kernels {
     pub bwd_partials: Variants,
     pub bwd_finalize: Kernel,
     pub bwd_dx: Variants,
-    pub stats_partials_cl: Kernel,
+    pub stats_partials_cols: Variants,
     pub apply_cols: Variants,
-    pub bwd_partials_cl: Kernel,
+    pub bwd_partials_cols: Variants,
     pub bwd_dx_cols: Variants,
 }
 
@@ -199,9 +198,9 @@ impl Kernels {
             bwd_partials: build("bwd_partials"),
             bwd_finalize: build("bwd_finalize").scalar,
             bwd_dx: build("bwd_dx"),
-            stats_partials_cl: build("stats_partials_cl").scalar,
+            stats_partials_cols: build("stats_partials_cols"),
             apply_cols: build("apply_cols"),
-            bwd_partials_cl: build("bwd_partials_cl").scalar,
+            bwd_partials_cols: build("bwd_partials_cols"),
             bwd_dx_cols: build("bwd_dx_cols"),
         }
     }

@@ -51,9 +51,8 @@ const APPLY_UNITS_PER_THREAD: u32 = 8;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Plan {
     mapping: Mapping,
+    vec4: bool,
     channels: u32,
-    /// Units (V) per run.
-    inner: u32,
     /// Values per run (the spatial size for channels-first; 1 for channels-last).
     run_len: u32,
     /// Bytes of one outer row (all channels).
@@ -63,7 +62,8 @@ pub(crate) struct Plan {
     chunks: u32,
     /// Scalars per channel in the whole tensor.
     count: u32,
-    /// Reduction tiles per channel in one (full) chunk, and units per tile.
+    /// Reduction tiles per channel (runs) or per column (columns) in one full chunk, and
+    /// the units (runs) or rows (columns) of one tile.
     tiles: u32,
     tile_len: u32,
 }
@@ -71,11 +71,16 @@ pub(crate) struct Plan {
 /// How invocations map onto values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mapping {
-    /// Along each channel's runs of `inner` values (vec4 when inner % 4 = 0).
-    Runs { vec4: bool },
-    /// Across channels: inner = 1 and C % 4 = 0 ((N, C) and channels-last). `col_block`
-    /// quads of channels per workgroup, `col_blocks` workgroups across them.
-    Columns { col_block: u32, col_blocks: u32 },
+    /// Long runs: along each channel's runs of `inner` units; the element-wise passes give
+    /// a workgroup to a chunk of one run.
+    Runs { inner: u32 },
+    /// Short runs: rows of `units` units, `col_block` unit columns per workgroup,
+    /// `col_blocks` workgroups across a row (see shaders/common.wgsl).
+    Columns {
+        units: u32,
+        col_block: u32,
+        col_blocks: u32,
+    },
 }
 
 /// One chunk: its outer rows and, when the tensor is chunked, its byte range.
@@ -90,20 +95,22 @@ impl Plan {
     /// `max_binding`: the largest storage binding to use; `align`: the device's
     /// `min_storage_buffer_offset_alignment`.
     pub fn new(v: View, max_binding: u64, align: u64, tuning: Tuning) -> Result<Self> {
-        let vec4 = v.inner % 4 == 0;
-        let vw = if vec4 { 4 } else { 1 };
-        let inner = (v.inner / vw) as u32;
-        let channels = v.channels as u32;
         let wg = WORKGROUP_SIZE;
-        let mapping = if v.inner == 1 && v.channels % 4 == 0 {
-            let quads = channels / 4;
-            let col_block = 1 << quads.min(wg).ilog2();
-            Mapping::Columns {
-                col_block,
-                col_blocks: quads.div_ceil(col_block),
-            }
+        let channels = v.channels as u32;
+        let run_len = v.inner as u32;
+        let (mapping, vec4) = if run_len % 4 == 0 && run_len / 4 >= wg {
+            (Mapping::Runs { inner: run_len / 4 }, true)
         } else {
-            Mapping::Runs { vec4 }
+            let row_len = channels * run_len;
+            let vec4 = row_len % 4 == 0;
+            let units = if vec4 { row_len / 4 } else { row_len };
+            let col_block = 1 << units.clamp(1, wg).ilog2();
+            let mapping = Mapping::Columns {
+                units,
+                col_block,
+                col_blocks: units.div_ceil(col_block),
+            };
+            (mapping, vec4)
         };
         let row_bytes = (v.channels * v.inner * 4) as u64;
         let total_bytes = row_bytes * v.outer as u64;
@@ -123,33 +130,29 @@ impl Plan {
             rows
         } as u32;
         let chunks = (v.outer as u32).div_ceil(rows_per_chunk).max(1);
-        // A tile is a range of one channel's units (runs) or of rows (columns); `lanes`
-        // invocations share a tile's work and `across` workgroups share its rows.
-        let (per_tile_space, lanes, across) = match mapping {
-            Mapping::Runs { .. } => (rows_per_chunk * inner, wg, channels),
+        // A reduction tile is a range of one channel's units (runs) or of rows (columns);
+        // `lanes` invocations share a tile and `across` workgroups run beside it.
+        let (space, lanes, across) = match mapping {
+            Mapping::Runs { inner } => (rows_per_chunk * inner, wg, channels),
             Mapping::Columns {
                 col_block,
                 col_blocks,
+                ..
             } => (rows_per_chunk, wg / col_block, col_blocks),
         };
-        let tiles_for_work = per_tile_space
-            .div_ceil(lanes * tuning.max_units_per_thread)
-            .max(1);
+        let tiles_for_work = space.div_ceil(lanes * tuning.max_units_per_thread).max(1);
         let tiles_for_occupancy = tuning
             .target_groups
             .div_ceil(across.max(1))
-            .min(per_tile_space.div_ceil(lanes * MIN_UNITS_PER_THREAD).max(1));
+            .min(space.div_ceil(lanes * MIN_UNITS_PER_THREAD).max(1));
         let tiles = tiles_for_work.max(tiles_for_occupancy);
-        let tile_len = per_tile_space
-            .div_ceil(tiles)
-            .next_multiple_of(lanes)
-            .max(lanes);
-        let tiles = per_tile_space.div_ceil(tile_len).max(1);
+        let tile_len = space.div_ceil(tiles).next_multiple_of(lanes).max(lanes);
+        let tiles = space.div_ceil(tile_len).max(1);
         Ok(Self {
             mapping,
+            vec4,
             channels,
-            inner,
-            run_len: v.inner as u32,
+            run_len,
             row_bytes,
             outer: v.outer as u32,
             rows_per_chunk,
@@ -173,51 +176,68 @@ impl Plan {
     }
 
     fn base(&self, rows: u32) -> Params {
-        Params {
+        let mut p = Params {
             outer: rows,
             channels: self.channels,
-            inner: self.inner.max(1),
             count: self.count,
             ..Params::default()
+        };
+        match self.mapping {
+            Mapping::Runs { inner } => p.inner = inner,
+            Mapping::Columns {
+                units,
+                col_block,
+                col_blocks,
+            } => {
+                p.inner = self.run_len;
+                p.total = units;
+                p.col_block = col_block;
+                p.col_blocks = col_blocks;
+            }
+        }
+        p
+    }
+
+    /// Partials per channel, over all chunks: one per tile (runs), one per tile per value
+    /// column of the channel (columns).
+    fn partials_per_channel(&self) -> u32 {
+        let per_column = self.tiles * self.chunks;
+        match self.mapping {
+            Mapping::Runs { .. } => per_column,
+            Mapping::Columns { .. } => per_column * self.run_len,
         }
     }
 
-    /// Parameters of a reduction pass over one chunk (one workgroup per tile per channel).
+    /// Parameters of a reduction pass over one chunk.
     fn reduce(&self, chunk: &Chunk) -> Params {
         let wg = WORKGROUP_SIZE;
-        if let Mapping::Columns {
-            col_block,
-            col_blocks,
-        } = self.mapping
-        {
-            return Params {
-                tiles: self.tiles,
-                tile_len: self.tile_len,
-                groups: col_blocks * self.tiles,
-                tile_stride: self.tiles * self.chunks,
-                tile_offset: self.tiles * chunk.index,
-                col_block,
-                col_blocks,
-                ..self.base(chunk.rows)
-            };
-        }
-        let inner = self.inner.max(1);
-        let (q, r) = (wg / inner, wg % inner);
-        Params {
+        let mut p = Params {
             tiles: self.tiles,
             tile_len: self.tile_len,
-            step_addr: q * self.channels * inner + r,
-            step_s: r,
-            wrap_addr: (self.channels - 1) * inner,
-            groups: self.channels * self.tiles,
             tile_stride: self.tiles * self.chunks,
             tile_offset: self.tiles * chunk.index,
             ..self.base(chunk.rows)
+        };
+        match self.mapping {
+            Mapping::Runs { inner } => {
+                let (q, r) = (wg / inner, wg % inner);
+                p.step_addr = q * self.channels * inner + r;
+                p.step_s = r;
+                p.wrap_addr = (self.channels - 1) * inner;
+                p.groups = self.channels * self.tiles;
+            }
+            Mapping::Columns { col_blocks, .. } => p.groups = col_blocks * self.tiles,
         }
+        p
     }
 
-    /// Parameters of a per-channel finalize pass over `tiles` partials per channel.
-    fn finalize(&self, tiles: u32, eps: f32, momentum: f32, flags: u32) -> Params {
+    /// Parameters of a per-channel finalize pass; `reduced` says whether partials exist.
+    fn finalize(&self, reduced: bool, eps: f32, momentum: f32, flags: u32) -> Params {
+        let tiles = if reduced {
+            self.partials_per_channel()
+        } else {
+            0
+        };
         let (groups, flags) = if tiles <= FINALIZE_THREAD_MAX_TILES {
             (
                 self.channels.div_ceil(WORKGROUP_SIZE),
@@ -236,71 +256,51 @@ impl Plan {
         }
     }
 
-    /// Whether element-wise passes use the row mapping (a workgroup per chunk of one run:
-    /// long runs) rather than the column mapping (short runs, (N, C), channels-last).
-    fn long_runs(&self) -> bool {
-        matches!(self.mapping, Mapping::Runs { .. }) && self.inner >= WORKGROUP_SIZE
-    }
-
     /// Parameters of an element-wise pass over one chunk.
     fn elementwise(&self, chunk: &Chunk, flags: u32) -> Params {
         let wg = WORKGROUP_SIZE;
         let base = self.base(chunk.rows);
-        if self.long_runs() {
-            let tile_len = wg * APPLY_UNITS_PER_THREAD;
-            let tiles = self.inner.div_ceil(tile_len);
-            return Params {
-                tiles,
-                tile_len,
-                groups: chunk.rows * self.channels * tiles,
-                flags,
-                ..base
-            };
-        }
-        // Columns: rows of C·run_len values, in units of 4 when that divides.
-        let row_len = self.channels * self.run_len;
-        let units = if row_len % 4 == 0 {
-            row_len / 4
-        } else {
-            row_len
-        };
-        let col_block = 1 << units.clamp(1, wg).ilog2();
-        let col_blocks = units.div_ceil(col_block);
-        let tile_len = wg / col_block * APPLY_UNITS_PER_THREAD;
-        let tiles = chunk.rows.div_ceil(tile_len);
-        Params {
-            inner: self.run_len.max(1),
-            total: units,
-            tiles,
-            tile_len,
-            groups: col_blocks * tiles,
-            col_block,
-            col_blocks,
-            flags,
-            ..base
+        match self.mapping {
+            Mapping::Runs { inner } => {
+                let tile_len = wg * APPLY_UNITS_PER_THREAD;
+                let tiles = inner.div_ceil(tile_len);
+                Params {
+                    tiles,
+                    tile_len,
+                    groups: chunk.rows * self.channels * tiles,
+                    flags,
+                    ..base
+                }
+            }
+            Mapping::Columns {
+                col_block,
+                col_blocks,
+                ..
+            } => {
+                let tile_len = wg / col_block * APPLY_UNITS_PER_THREAD;
+                let tiles = chunk.rows.div_ceil(tile_len);
+                Params {
+                    tiles,
+                    tile_len,
+                    groups: col_blocks * tiles,
+                    flags,
+                    ..base
+                }
+            }
         }
     }
 
-    /// The element-wise kernel: `rows` for long runs, else `cols` (vec4 when rows of
-    /// C·run_len values divide into vec4).
-    fn pick_elementwise<'k>(&self, rows: &'k Variants, cols: &'k Variants) -> &'k Kernel {
+    /// The kernel of this plan's mapping, in its vec4 or scalar variant.
+    fn pick<'k>(&self, runs: &'k Variants, columns: &'k Variants) -> &'k Kernel {
         match self.mapping {
-            Mapping::Runs { vec4 } if self.long_runs() => rows.get(vec4),
-            _ => cols.get((self.channels * self.run_len) % 4 == 0),
-        }
-    }
-
-    /// The kernel of this plan's mapping: `runs` (vec4 or scalar variant) or `columns`.
-    fn pick<'k>(&self, runs: &'k Variants, columns: &'k Kernel) -> &'k Kernel {
-        match self.mapping {
-            Mapping::Runs { vec4 } => runs.get(vec4),
-            Mapping::Columns { .. } => columns,
+            Mapping::Runs { .. } => runs.get(self.vec4),
+            Mapping::Columns { .. } => columns.get(self.vec4),
         }
     }
 
     /// Floats of partials scratch the reductions need.
     pub fn partials_len(&self) -> usize {
-        4 * (self.channels * self.tiles * self.chunks) as usize
+        4 * (self.channels * self.partials_per_channel()) as usize
     }
 }
 
@@ -345,7 +345,7 @@ pub(crate) fn forward(
     if batch_stats {
         for chunk in &chunks {
             launches.push(Launch {
-                kernel: plan.pick(&k.stats_partials, &k.stats_partials_cl),
+                kernel: plan.pick(&k.stats_partials, &k.stats_partials_cols),
                 params: plan.reduce(chunk),
                 buffers: vec![part(b.x, chunk), b.partials.into()],
             });
@@ -355,14 +355,13 @@ pub(crate) fn forward(
         } else {
             0
         };
-        let tiles = plan.tiles * plan.chunks;
         launches.push(Launch {
             kernel: &k.stats_finalize,
-            params: plan.finalize(tiles, eps, momentum.unwrap_or(0.0), flags),
+            params: plan.finalize(true, eps, momentum.unwrap_or(0.0), flags),
             buffers: vec![b.partials.into(), b.state.into(), b.saved.into()],
         });
     } else {
-        let mut params = plan.finalize(0, eps, 0.0, 0);
+        let mut params = plan.finalize(false, eps, 0.0, 0);
         params.groups = plan.channels.div_ceil(WORKGROUP_SIZE);
         launches.push(Launch {
             kernel: &k.stats_running,
@@ -372,7 +371,7 @@ pub(crate) fn forward(
     }
     for chunk in &chunks {
         launches.push(Launch {
-            kernel: plan.pick_elementwise(&k.apply, &k.apply_cols),
+            kernel: plan.pick(&k.apply, &k.apply_cols),
             params: plan.elementwise(chunk, 0),
             buffers: vec![
                 part(b.x, chunk),
@@ -414,7 +413,7 @@ pub(crate) fn backward(
     if reduce {
         for chunk in &chunks {
             launches.push(Launch {
-                kernel: plan.pick(&k.bwd_partials, &k.bwd_partials_cl),
+                kernel: plan.pick(&k.bwd_partials, &k.bwd_partials_cols),
                 params: plan.reduce(chunk),
                 buffers: vec![
                     part(b.x, chunk),
@@ -425,10 +424,9 @@ pub(crate) fn backward(
             });
         }
     }
-    let tiles = if reduce { plan.tiles * plan.chunks } else { 0 };
     launches.push(Launch {
         kernel: &k.bwd_finalize,
-        params: plan.finalize(tiles, 0.0, 0.0, flags),
+        params: plan.finalize(reduce, 0.0, 0.0, flags),
         buffers: [b.partials, b.saved, b.state, b.dweight, b.dbias, b.coef]
             .map(Bind::from)
             .to_vec(),
@@ -436,7 +434,7 @@ pub(crate) fn backward(
     if let Some(dx) = b.dx {
         for chunk in &chunks {
             launches.push(Launch {
-                kernel: plan.pick_elementwise(&k.bwd_dx, &k.bwd_dx_cols),
+                kernel: plan.pick(&k.bwd_dx, &k.bwd_dx_cols),
                 params: plan.elementwise(chunk, flags),
                 buffers: vec![
                     part(b.x, chunk),

@@ -1,13 +1,14 @@
-// Backward, pass 1, channels-contiguous mapping (see common.wgsl): per channel
-// (Σ dy, Σ dy·(x − μ)) over the tile's rows, row lanes added in workgroup memory.
+// Backward, pass 1, column mapping (see common.wgsl and stats_partials_cols.wgsl): per
+// value column (Σ dy, Σ dy·(x − μ)) over the tile's rows, row lanes added in workgroup
+// memory, one partial per value column.
 
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dy: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read> dy: array<V>;
 @group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
 
-var<workgroup> sh_dy: array<vec4<f32>, WG>;
-var<workgroup> sh_dyx: array<vec4<f32>, WG>;
+var<workgroup> sh_dy: array<V, WG>;
+var<workgroup> sh_dyx: array<V, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -16,19 +17,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let pos = column_pos(g, lid);
-    let quads = p.channels / 4u;
     let row0 = pos.tile * p.tile_len;
     let row1 = min(row0 + p.tile_len, p.outer);
 
-    var sdy = vec4<f32>(0.0);
-    var sdyx = vec4<f32>(0.0);
-    if (pos.q < quads) {
-        var mu = vec4<f32>(0.0);
-        for (var l = 0u; l < 4u; l++) {
-            mu[l] = stats[4u * pos.q + l].x;
+    var sdy = V(0.0);
+    var sdyx = V(0.0);
+    if (pos.q < p.total) {
+        var mu = V(0.0);
+        for (var l = 0u; l < VW; l++) {
+            set_lane(&mu, l, stats[(pos.q * VW + l) / p.inner].x);
         }
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
-            let i = o * quads + pos.q;
+            let i = o * p.total + pos.q;
             let gv = dy[i];
             sdy += gv;
             sdyx += gv * (x[i] - mu);
@@ -44,12 +44,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
     }
-    if (pos.lane == 0u && pos.q < quads) {
-        let slot = p.tile_offset + (g / p.col_blocks);
+    if (pos.lane == 0u && pos.q < p.total) {
+        let slot = p.tile_offset + pos.tile;
         let a = sh_dy[lid];
         let b = sh_dyx[lid];
-        for (var l = 0u; l < 4u; l++) {
-            partials[(4u * pos.q + l) * p.tile_stride + slot] = vec4<f32>(a[l], b[l], 0.0, 0.0);
+        for (var l = 0u; l < VW; l++) {
+            let j = pos.q * VW + l;
+            partials[j * p.tile_stride + slot] = vec4<f32>(get_lane(a, l), get_lane(b, l), 0.0, 0.0);
         }
     }
 }

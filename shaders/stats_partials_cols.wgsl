@@ -1,0 +1,77 @@
+// Statistics, pass 1, column mapping (see common.wgsl): each invocation accumulates
+// shifted sums of its unit column over its rows of the tile; the row lanes of each column
+// are merged with Chan's formula; each value column j writes one (count, mean, M2) partial,
+// at j·tile_stride + tile_offset + tile. A channel's columns are adjacent, so its partials
+// are one contiguous range that stats_finalize merges.
+
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
+
+struct MomentsV {
+    n: f32,
+    mean: V,
+    m2: V,
+}
+
+var<workgroup> sh: array<MomentsV, WG>;
+
+fn merge_v(a: MomentsV, b: MomentsV) -> MomentsV {
+    let n = a.n + b.n;
+    if (n == 0.0) {
+        return a;
+    }
+    let d = b.mean - a.mean;
+    let wb = b.n / n;
+    return MomentsV(n, a.mean + d * wb, a.m2 + b.m2 + d * d * (a.n * wb));
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wid);
+    if (g >= p.groups) {
+        return;
+    }
+    let pos = column_pos(g, lid);
+    let row0 = pos.tile * p.tile_len;
+    let row1 = min(row0 + p.tile_len, p.outer);
+
+    var cnt = 0u;
+    var k = V(0.0);
+    var s1 = V(0.0);
+    var s2 = V(0.0);
+    var o = row0 + pos.lane;
+    if (pos.q < p.total && o < row1) {
+        k = x[o * p.total + pos.q];
+        loop {
+            let d = x[o * p.total + pos.q] - k;
+            s1 += d;
+            s2 += d * d;
+            cnt += 1u;
+            o += pos.lanes;
+            if (o >= row1) {
+                break;
+            }
+        }
+    }
+    var m = MomentsV(0.0, V(0.0), V(0.0));
+    if (cnt > 0u) {
+        let n = f32(cnt);
+        m = MomentsV(n, k + s1 / n, s2 - s1 * s1 / n);
+    }
+    sh[lid] = m;
+    workgroupBarrier();
+    for (var stride = pos.lanes / 2u; stride > 0u; stride >>= 1u) {
+        if (pos.lane < stride) {
+            sh[lid] = merge_v(sh[lid], sh[lid + stride * p.col_block]);
+        }
+        workgroupBarrier();
+    }
+    if (pos.lane == 0u && pos.q < p.total) {
+        let r = sh[lid];
+        let slot = p.tile_offset + pos.tile;
+        for (var l = 0u; l < VW; l++) {
+            let j = pos.q * VW + l;
+            partials[j * p.tile_stride + slot] = vec4<f32>(r.n, get_lane(r.mean, l), get_lane(r.m2, l), 0.0);
+        }
+    }
+}
