@@ -1,12 +1,12 @@
-// Statistics, pass 1: one workgroup reduces one tile of one channel to (count, mean, M2).
-// Each thread accumulates sums of (x − k) and (x − k)² shifted by its own first value k
-// (a few dozen values per thread, so the shifted sums stay exact to f32 rounding), turns
-// them into (count, mean, M2), and the workgroup merges threads with Chan's formula.
+// Statistics, pass 1, for long runs: one workgroup reduces one tile of one channel to a
+// summary (count, k, mean − k, M2) (see chan_merge in common.wgsl). Each thread accumulates
+// sums of (x − k) and (x − k)² shifted by its own first value k, turns them into a summary,
+// and the workgroup merges threads with Chan's formula.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 
-var<workgroup> sh: array<vec3<f32>, WG>;
+var<workgroup> sh: array<vec4<f32>, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -39,15 +39,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
 
-    var part = vec3<f32>(0.0);
+    var part = vec4<f32>(0.0);
     if (cnt > 0u) {
         let fc = f32(cnt);
-        // Per lane: mean and M2 of this thread's values; then merge the VW equal-count lanes.
-        let m = k + s1 / fc;
+        let rel = s1 / fc;
         let m2 = s2 - s1 * s1 / fc;
-        let mean = hsum(m) / f32(VW);
-        let dm = m - V(mean);
-        part = vec3<f32>(fc * f32(VW), mean, hsum(m2) + fc * hsum(dm * dm));
+        for (var l = 0u; l < VW; l++) {
+            part = chan_merge(part, vec4<f32>(fc, get_lane(k, l), get_lane(rel, l), get_lane(m2, l)));
+        }
     }
     sh[lid] = part;
     workgroupBarrier();
@@ -58,6 +57,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     if (lid == 0u) {
-        partials[c * p.tile_stride + p.tile_offset + (g - c * p.tiles)] = vec4<f32>(sh[0], 0.0);
+        partials[c * p.tile_stride + p.tile_offset + (g - c * p.tiles)] = sh[0];
     }
 }

@@ -1,28 +1,35 @@
 // Statistics, pass 1, column mapping (see common.wgsl): each invocation accumulates
 // shifted sums of its unit column over its rows of the tile; the row lanes of each column
-// are merged with Chan's formula; each value column j writes one (count, mean, M2) partial,
+// are merged with Chan's formula; each value column j writes one (count, k, mean − k, M2)
+// summary (see chan_merge in common.wgsl),
 // at j·tile_stride + tile_offset + tile. A channel's columns are adjacent, so its partials
 // are one contiguous range that stats_finalize merges.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 
+// Per lane: count (equal for all lanes), shift k, mean − k, M2.
 struct MomentsV {
     n: f32,
-    mean: V,
+    k: V,
+    rel: V,
     m2: V,
 }
 
 var<workgroup> sh: array<MomentsV, WG>;
 
+// chan_merge of each lane.
 fn merge_v(a: MomentsV, b: MomentsV) -> MomentsV {
-    let n = a.n + b.n;
-    if (n == 0.0) {
+    if (b.n == 0.0) {
         return a;
     }
-    let d = b.mean - a.mean;
+    if (a.n == 0.0) {
+        return b;
+    }
+    let n = a.n + b.n;
+    let d = (b.k - a.k) + (b.rel - a.rel);
     let wb = b.n / n;
-    return MomentsV(n, a.mean + d * wb, a.m2 + b.m2 + d * d * (a.n * wb));
+    return MomentsV(n, a.k, a.rel + d * wb, a.m2 + b.m2 + d * d * (a.n * wb));
 }
 
 @compute @workgroup_size(WG)
@@ -53,10 +60,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
     }
-    var m = MomentsV(0.0, V(0.0), V(0.0));
+    var m = MomentsV(0.0, V(0.0), V(0.0), V(0.0));
     if (cnt > 0u) {
         let n = f32(cnt);
-        m = MomentsV(n, k + s1 / n, s2 - s1 * s1 / n);
+        m = MomentsV(n, k, s1 / n, s2 - s1 * s1 / n);
     }
     sh[lid] = m;
     workgroupBarrier();
@@ -71,7 +78,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let slot = p.tile_offset + pos.tile;
         for (var l = 0u; l < VW; l++) {
             let j = pos.q * VW + l;
-            partials[j * p.tile_stride + slot] = vec4<f32>(r.n, get_lane(r.mean, l), get_lane(r.m2, l), 0.0);
+            partials[j * p.tile_stride + slot] = vec4<f32>(r.n, get_lane(r.k, l), get_lane(r.rel, l), get_lane(r.m2, l));
         }
     }
 }

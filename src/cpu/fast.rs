@@ -186,7 +186,9 @@ pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
             if n == 0.0 {
                 (0.0, 0.0)
             } else {
-                (k + s[0] / n, (s[1] - s[0] * s[0] / n).max(0.0))
+                // Clamp rounding below zero, but let NaN through (f64::max would eat it).
+                let m2 = s[1] - s[0] * s[0] / n;
+                (k + s[0] / n, if m2 < 0.0 { 0.0 } else { m2 })
             }
         })
         .collect()

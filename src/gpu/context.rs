@@ -20,8 +20,9 @@ pub struct ContextOptions {
 }
 
 /// Limits the crate needs at minimum (the WebGPU defaults satisfy them): up to 6 storage
-/// buffers and one uniform per kernel, 256-invocation workgroups, 3 KiB of workgroup memory.
+/// buffers and one uniform per kernel, 256-invocation workgroups, 16 KiB of workgroup memory.
 pub const REQUIRED_STORAGE_BUFFERS: u32 = 6;
+const REQUIRED_WORKGROUP_STORAGE: u32 = 16 << 10;
 
 pub(crate) struct GpuContext {
     pub device: wgpu::Device,
@@ -346,6 +347,12 @@ fn check_limits(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Result<()> {
         missing.push(format!(
             "max_compute_invocations_per_workgroup = {} < {wg}",
             limits.max_compute_invocations_per_workgroup
+        ));
+    }
+    if limits.max_compute_workgroup_storage_size < REQUIRED_WORKGROUP_STORAGE {
+        missing.push(format!(
+            "max_compute_workgroup_storage_size = {} < {REQUIRED_WORKGROUP_STORAGE}",
+            limits.max_compute_workgroup_storage_size
         ));
     }
     if missing.is_empty() {
