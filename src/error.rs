@@ -14,7 +14,7 @@ pub enum Error {
     InvalidRank { shape: Vec<usize> },
 
     /// The input's channel count differs from the module's `num_features`.
-    #[error("running_mean should contain {expected} elements not {got} (input shape {shape:?} has {got} channels)")]
+    #[error("running_mean should contain {got} elements not {expected} (input shape {shape:?} has {got} channels, the module num_features = {expected})")]
     ChannelMismatch {
         expected: usize,
         got: usize,

@@ -259,10 +259,15 @@ impl BatchNorm {
                             running_var[ch] = (m * m2 / (n - 1.0) + (1.0 - m) * rv) as f32;
                         }
                     }
-                    stats
-                        .iter()
-                        .map(|&(mu, m2)| (mu as f32, (1.0 / (m2 / n + eps).sqrt()) as f32))
-                        .unzip()
+                    if n == 0.0 {
+                        // An empty batch: nothing to normalize; saved as zeros (as the GPU does).
+                        (vec![0.0; c], vec![0.0; c])
+                    } else {
+                        stats
+                            .iter()
+                            .map(|&(mu, m2)| (mu as f32, (1.0 / (m2 / n + eps).sqrt()) as f32))
+                            .unzip()
+                    }
                 } else {
                     running_var
                         .iter()

@@ -173,7 +173,7 @@ impl GpuContext {
     /// Largest range one storage binding may cover (the device limit, or the cap set in
     /// [`ContextOptions`]); larger tensors are processed in chunks.
     pub fn max_binding(&self) -> u64 {
-        let device = self.limits.max_storage_buffer_binding_size as u64;
+        let device = self.limits.max_storage_buffer_binding_size;
         self.options
             .max_binding_size
             .map_or(device, |cap| cap.clamp(256, device))

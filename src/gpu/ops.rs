@@ -98,11 +98,11 @@ impl Plan {
         let wg = WORKGROUP_SIZE;
         let channels = v.channels as u32;
         let run_len = v.inner as u32;
-        let (mapping, vec4) = if run_len % 4 == 0 && run_len / 4 >= wg {
+        let (mapping, vec4) = if run_len.is_multiple_of(4) && run_len / 4 >= wg {
             (Mapping::Runs { inner: run_len / 4 }, true)
         } else {
             let row_len = channels * run_len;
-            let vec4 = row_len % 4 == 0;
+            let vec4 = row_len.is_multiple_of(4);
             let units = if vec4 { row_len / 4 } else { row_len };
             let col_block = 1 << units.clamp(1, wg).ilog2();
             let mapping = Mapping::Columns {

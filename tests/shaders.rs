@@ -1,0 +1,299 @@
+//! Every WGSL kernel the crate compiles, checked for the backends we cannot run here.
+//!
+//! The test machines have Vulkan (lavapipe) and GL (llvmpipe) adapters only. Metal and
+//! DX12 users get the same WGSL translated by naga at pipeline creation, so a kernel that
+//! naga cannot translate to MSL or HLSL would only fail on their machines. Each source from
+//! [`shader_sources`] is parsed with naga's WGSL front end, validated, and written as SPIR-V,
+//! MSL, HLSL and GLSL (ES 3.10 and desktop 4.30) with the options wgpu's backends use or
+//! stricter ones. A failure names the kernel and the target language.
+//!
+//! Limits: this proves naga can translate the kernels, not that the platform compilers
+//! (Metal, FXC/DXC, the GL driver) accept the result, nor that the results are right.
+
+use naga::back::{glsl, hlsl, msl, spv};
+use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
+use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
+use naga::{Module, ShaderStage};
+use wgpu_batchnorm::{shader_sources, WORKGROUP_SIZE};
+
+/// The kernel families of `src/gpu/kernels.rs`; each must appear in `shader_sources()`.
+const KERNELS: &[&str] = &[
+    "stats_partials",
+    "stats_finalize",
+    "stats_running",
+    "apply",
+    "bwd_partials",
+    "bwd_finalize",
+    "bwd_dx",
+];
+
+/// Every kernel's entry point (the pipelines are created with `entry_point: Some("main")`).
+const ENTRY_POINT: &str = "main";
+
+/// Bounds-check policies: naga's default (no checks), `Restrict` (what wgpu's Vulkan backend
+/// injects without robust buffer access) and `ReadZeroSkipWrite`. Each makes the writers
+/// take different code paths; all must translate.
+const POLICIES: &[(&str, BoundsCheckPolicies)] = &[
+    (
+        "unchecked",
+        BoundsCheckPolicies {
+            index: BoundsCheckPolicy::Unchecked,
+            buffer: BoundsCheckPolicy::Unchecked,
+            image_load: BoundsCheckPolicy::Unchecked,
+            binding_array: BoundsCheckPolicy::Unchecked,
+        },
+    ),
+    (
+        "restrict",
+        BoundsCheckPolicies {
+            index: BoundsCheckPolicy::Restrict,
+            buffer: BoundsCheckPolicy::Restrict,
+            image_load: BoundsCheckPolicy::Restrict,
+            binding_array: BoundsCheckPolicy::Unchecked,
+        },
+    ),
+    (
+        "read-zero-skip-write",
+        BoundsCheckPolicies {
+            index: BoundsCheckPolicy::ReadZeroSkipWrite,
+            buffer: BoundsCheckPolicy::ReadZeroSkipWrite,
+            image_load: BoundsCheckPolicy::ReadZeroSkipWrite,
+            binding_array: BoundsCheckPolicy::ReadZeroSkipWrite,
+        },
+    ),
+];
+
+/// A parsed and validated kernel.
+struct Parsed {
+    name: String,
+    module: Module,
+    info: ModuleInfo,
+}
+
+/// Parses and validates every kernel; panics naming each kernel that fails either step.
+fn parsed_sources() -> Vec<Parsed> {
+    let mut failures = Vec::new();
+    let mut out = Vec::new();
+    for (name, source) in shader_sources() {
+        let module = match naga::front::wgsl::parse_str(&source) {
+            Ok(m) => m,
+            Err(e) => {
+                failures.push(format!(
+                    "kernel {name}: WGSL parse failed:\n{}",
+                    e.emit_to_string(&source)
+                ));
+                continue;
+            }
+        };
+        let mut validator = Validator::new(ValidationFlags::all(), Capabilities::default());
+        match validator.validate(&module) {
+            Ok(info) => out.push(Parsed { name, module, info }),
+            Err(e) => failures.push(format!(
+                "kernel {name}: WGSL validation failed:\n{}",
+                e.emit_to_string(&source)
+            )),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    out
+}
+
+/// Runs `translate` on every kernel and panics listing every (kernel, target) that failed.
+fn translate_all(target: &str, translate: impl Fn(&Parsed) -> Result<(), String>) {
+    let failures: Vec<String> = parsed_sources()
+        .iter()
+        .filter_map(|p| {
+            translate(p)
+                .err()
+                .map(|e| format!("kernel {} → {target}: {e}", p.name))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} kernel(s) failed to translate to {target}:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn sources_cover_every_kernel() {
+    let sources = shader_sources();
+    assert!(!sources.is_empty(), "shader_sources() is empty");
+    let names: Vec<&str> = sources.iter().map(|(n, _)| n.as_str()).collect();
+    for kernel in KERNELS {
+        assert!(
+            names.iter().any(
+                |n| n.strip_prefix(kernel).is_some_and(|rest| rest.is_empty()
+                    || rest.starts_with('_')
+                        && !KERNELS
+                            .iter()
+                            .any(|k| n.starts_with(k) && k.len() > kernel.len()))
+            ),
+            "shader_sources() has no variant of kernel {kernel}; it has {names:?}"
+        );
+    }
+    let mut unique = names.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        names.len(),
+        "duplicate kernel names in {names:?}"
+    );
+    for (name, source) in &sources {
+        assert!(!source.trim().is_empty(), "kernel {name}: empty source");
+    }
+}
+
+#[test]
+fn wgsl_parses_and_validates() {
+    for p in parsed_sources() {
+        // One compute entry point named "main", with the workgroup size the host side
+        // dispatches for (WORKGROUP_SIZE lives in one place: the composed `const WG`).
+        let eps: Vec<_> = p
+            .module
+            .entry_points
+            .iter()
+            .map(|e| (e.name.as_str(), e.stage))
+            .collect();
+        assert_eq!(
+            eps,
+            [(ENTRY_POINT, ShaderStage::Compute)],
+            "kernel {}: entry points",
+            p.name
+        );
+        assert_eq!(
+            p.module.entry_points[0].workgroup_size,
+            [WORKGROUP_SIZE, 1, 1],
+            "kernel {}: workgroup size",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn translates_to_spirv() {
+    translate_all("SPIR-V", |p| {
+        for &(policy_name, policies) in POLICIES {
+            // wgpu's Vulkan backend writes SPIR-V 1.0 for Vulkan 1.0 devices and 1.3 for
+            // Vulkan 1.1 ones (lavapipe runs the newest; these are the oldest).
+            for lang_version in [(1, 0), (1, 3)] {
+                let options = spv::Options {
+                    lang_version,
+                    bounds_check_policies: policies,
+                    ..Default::default()
+                };
+                let pipeline = spv::PipelineOptions {
+                    shader_stage: ShaderStage::Compute,
+                    entry_point: ENTRY_POINT.into(),
+                };
+                let context = format!("(SPIR-V {lang_version:?}, {policy_name} bounds checks)");
+                let words = spv::write_vec(&p.module, &p.info, &options, Some(&pipeline))
+                    .map_err(|e| format!("{context} {e}"))?;
+                if words.first() != Some(&0x0723_0203) {
+                    return Err(format!("{context} output lacks the SPIR-V magic number"));
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn translates_to_msl() {
+    translate_all("MSL", |p| {
+        for &(policy_name, policies) in POLICIES {
+            // wgpu's Metal backend writes the device's MSL version; check an old one and 2.0.
+            for lang_version in [(1, 2), (2, 0)] {
+                let options = msl::Options {
+                    lang_version,
+                    bounds_check_policies: policies,
+                    ..Default::default()
+                };
+                let pipeline = msl::PipelineOptions {
+                    entry_point: Some((ShaderStage::Compute, ENTRY_POINT.into())),
+                    ..Default::default()
+                };
+                let context = format!("(MSL {lang_version:?}, {policy_name} bounds checks)");
+                let (text, info) = msl::write_string(&p.module, &p.info, &options, &pipeline)
+                    .map_err(|e| format!("{context} {e}"))?;
+                for ep in &info.entry_point_names {
+                    ep.as_ref()
+                        .map_err(|e| format!("{context} entry point: {e}"))?;
+                }
+                if !text.contains("kernel void") {
+                    return Err(format!("{context} output has no kernel function"));
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn translates_to_hlsl() {
+    translate_all("HLSL", |p| {
+        // 5.1 is FXC's (wgpu's fallback compiler); 6.0 is DXC's minimum.
+        for shader_model in [hlsl::ShaderModel::V5_1, hlsl::ShaderModel::V6_0] {
+            let options = hlsl::Options {
+                shader_model,
+                ..Default::default()
+            };
+            let pipeline = hlsl::PipelineOptions {
+                entry_point: Some((ShaderStage::Compute, ENTRY_POINT.into())),
+            };
+            let mut text = String::new();
+            let info = hlsl::Writer::new(&mut text, &options, &pipeline)
+                .write(&p.module, &p.info, None)
+                .map_err(|e| format!("(shader model {shader_model:?}) {e}"))?;
+            for ep in &info.entry_point_names {
+                ep.as_ref()
+                    .map_err(|e| format!("(shader model {shader_model:?}) entry point: {e}"))?;
+            }
+            if !text.contains("[numthreads(") {
+                return Err(format!(
+                    "(shader model {shader_model:?}) output has no compute entry point"
+                ));
+            }
+        }
+        Ok(())
+    });
+}
+
+/// GLSL for one version, with every bounds-check policy.
+fn glsl(p: &Parsed, version: glsl::Version) -> Result<(), String> {
+    for &(policy_name, policies) in POLICIES {
+        let options = glsl::Options {
+            version,
+            ..Default::default()
+        };
+        let pipeline = glsl::PipelineOptions {
+            shader_stage: ShaderStage::Compute,
+            entry_point: ENTRY_POINT.into(),
+            multiview: None,
+        };
+        let context = format!("({version}, {policy_name} bounds checks)");
+        let mut text = String::new();
+        glsl::Writer::new(&mut text, &p.module, &p.info, &options, &pipeline, policies)
+            .map_err(|e| format!("{context} {e}"))?
+            .write()
+            .map_err(|e| format!("{context} {e}"))?;
+        if !text.contains("layout(local_size_x =") {
+            return Err(format!("{context} output has no compute layout"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn translates_to_glsl_es_310() {
+    // ES 3.10 is the first GLSL ES with compute shaders: wgpu's GL/GLES minimum for them.
+    translate_all("GLSL ES 310", |p| glsl(p, glsl::Version::new_gles(310)));
+}
+
+#[test]
+fn translates_to_glsl_430() {
+    // Desktop GL 4.3 is the first with compute shaders.
+    translate_all("GLSL 430", |p| glsl(p, glsl::Version::Desktop(430)));
+}
