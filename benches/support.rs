@@ -142,6 +142,22 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// Kernel-only milliseconds per run of `op` (timestamp queries), where available.
+    pub fn kernel_ms(&mut self, op: Op, iters: u64) -> Option<f64> {
+        if !self.ctx.set_kernel_timing(true) {
+            return None;
+        }
+        self.ctx.take_kernel_time().ok()?; // discard earlier passes
+        for _ in 0..iters {
+            self.run(op).ok()?;
+        }
+        let t = self.ctx.take_kernel_time().ok().flatten();
+        self.ctx.set_kernel_timing(false);
+        t.map(|d| d.as_secs_f64() * 1e3 / iters as f64)
+    }
+}
+
 /// Copies `bytes` bytes from one resident buffer to another: vec4 kernel on a GPU,
 /// `copy_from_slice` on the CPU. The bandwidth ceiling each backend is judged against.
 pub enum Copier {

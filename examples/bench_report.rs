@@ -1,9 +1,11 @@
-//! Prints one markdown table: shape, op, backend, median ms, effective GB/s (minimal bytes:
+//! Prints one markdown table: shape, op, backend, median ms (submit + wait, data resident),
+//! kernel-only ms where the adapter has timestamp queries, effective GB/s (minimal bytes:
 //! train forward 12 B/element, inference 8, backward 20), % of that backend's copy ceiling
 //! (a vec4 copy kernel of x's size on a GPU, memcpy on the CPU, timed in the same run),
 //! and speed-up against the CPU path.
 //!
-//! cargo run --release --example bench_report -- [--shapes a,b] [--min-time SECONDS]
+//! cargo run --release --example bench_report -- [--shapes a,b] [--backends cpu,vulkan,gl]
+//!     [--min-time SECONDS]
 //!     [--pytorch FILE]   JSON lines from `benches/pytorch_cpu.py --json`, shown beside
 //!                        our CPU path (measure them back to back on the same machine)
 
@@ -32,9 +34,18 @@ fn main() {
         .map(|f| read_pytorch(&f))
         .unwrap_or_default();
 
-    let ctxs = contexts();
+    let backends: Option<Vec<String>> =
+        arg("--backends").map(|s| s.split(',').map(str::to_string).collect());
+    let ctxs: Vec<_> = contexts()
+        .into_iter()
+        .filter(|c| {
+            backends
+                .as_ref()
+                .is_none_or(|b| b.iter().any(|k| k == c.backend_kind()))
+        })
+        .collect();
     println!(
-        "| shape | op | backend | median ms | GB/s | % of copy | vs CPU path |{}",
+        "| shape | op | backend | median ms | kernel ms | GB/s | % of copy | vs CPU path |{}",
         if pytorch.is_empty() {
             ""
         } else {
@@ -42,7 +53,7 @@ fn main() {
         }
     );
     println!(
-        "|---|---|---|---:|---:|---:|---:|{}",
+        "|---|---|---|---:|---:|---:|---:|---:|{}",
         if pytorch.is_empty() { "" } else { "---:|---:|" }
     );
     for case in SUITE {
@@ -66,12 +77,13 @@ fn main() {
             let copy_gbs = (numel * 8) as f64 / copy_ms / 1e6;
             for op in Op::ALL {
                 let ms = median_ms(|i| p.time(op, i), 5, min_time);
-                rows.push((op, ctx.name(), ms, copy_gbs));
+                let kernel = p.kernel_ms(op, 5);
+                rows.push((op, ctx.name(), ms, copy_gbs, kernel));
             }
         }
         for op in Op::ALL {
             let cpu_ms = rows.iter().find(|r| r.0 == op && r.1 == "cpu").map(|r| r.2);
-            for (_, backend, ms, copy_gbs) in rows.iter().filter(|r| r.0 == op) {
+            for (_, backend, ms, copy_gbs, kernel) in rows.iter().filter(|r| r.0 == op) {
                 let gbs = (numel * op.bytes_per_element()) as f64 / ms / 1e6;
                 let speedup = cpu_ms
                     .map(|c| format!("{:.2}×", c / ms))
@@ -86,12 +98,16 @@ fn main() {
                 } else {
                     " | |".into()
                 };
+                let kernel = kernel
+                    .map(|k| format!("{k:.3}"))
+                    .unwrap_or_else(|| "–".into());
                 println!(
-                    "| {} | {} | {} | {:.3} | {:.1} | {:.0} % | {} |{}",
+                    "| {} | {} | {} | {:.3} | {} | {:.1} | {:.0} % | {} |{}",
                     case.name,
                     op.name(),
                     backend,
                     ms,
+                    kernel,
                     gbs,
                     100.0 * gbs / copy_gbs,
                     speedup,

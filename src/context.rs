@@ -146,6 +146,33 @@ impl Context {
         }
     }
 
+    /// Whether kernel-only timing is available (a GPU with timestamp queries).
+    pub fn has_kernel_timing(&self) -> bool {
+        matches!(&self.inner.backend, Backend::Gpu(g) if g.timer.is_some())
+    }
+
+    /// Switches kernel-only timing on or off (see [`take_kernel_time`](Self::take_kernel_time));
+    /// returns whether it is available.
+    pub fn set_kernel_timing(&self, on: bool) -> bool {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.timer.as_ref().map(|t| t.set_enabled(on)).is_some(),
+            Backend::Cpu => false,
+        }
+    }
+
+    /// Waits for the device, then returns the GPU time the compute passes of every
+    /// operation since the last call took (timestamp queries at each pass's start and end),
+    /// or `None` where kernel timing is unavailable.
+    pub fn take_kernel_time(&self) -> Result<Option<std::time::Duration>> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => match &g.timer {
+                Some(t) => t.take(&g.device).map(Some),
+                None => Ok(None),
+            },
+            Backend::Cpu => Ok(None),
+        }
+    }
+
     pub(crate) fn backend(&self) -> &Backend {
         &self.inner.backend
     }

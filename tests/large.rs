@@ -177,3 +177,29 @@ fn past_binding_limit_205_mb() {
 fn past_binding_limit_617_mb() {
     past_binding_limit(&[48, 256, 112, 112]);
 }
+
+#[test]
+fn kernel_timing_reports_gpu_time_where_available() {
+    for ctx in common::backends() {
+        let x = ctx
+            .tensor_from_slice(&normal(8 * 4 * 64, 3, 0.0, 1.0), &[8, 4, 64])
+            .unwrap();
+        let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(4)).unwrap();
+        if !ctx.set_kernel_timing(true) {
+            assert!(ctx.wgpu().is_none() || !ctx.has_kernel_timing());
+            assert_eq!(ctx.take_kernel_time().unwrap(), None);
+            eprintln!("{}: no kernel timing", ctx.name());
+            continue;
+        }
+        ctx.take_kernel_time().unwrap();
+        bn.forward_train(&x).unwrap();
+        let t = ctx.take_kernel_time().unwrap().expect("timing is on");
+        ctx.set_kernel_timing(false);
+        eprintln!("{}: training forward kernels {t:?}", ctx.name());
+        assert!(
+            t > std::time::Duration::ZERO,
+            "{}: zero kernel time",
+            ctx.name()
+        );
+    }
+}

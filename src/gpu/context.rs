@@ -7,6 +7,7 @@ use wgpu::util::DeviceExt;
 
 use super::kernels::Kernels;
 use super::ops::{Plan, Tuning};
+use super::timer::KernelTimer;
 use crate::error::{Error, Result};
 use crate::shape::View;
 
@@ -30,6 +31,8 @@ pub(crate) struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub kernels: Kernels,
+    /// Kernel-only timing, where the device has timestamp queries.
+    pub timer: Option<KernelTimer>,
     options: ContextOptions,
     lost: Arc<Mutex<Option<String>>>,
     /// An error wgpu raised outside our scopes (only on devices we created); reported by the
@@ -83,7 +86,8 @@ impl GpuContext {
         check_limits(&info, &limits)?;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpu-batchnorm"),
-            required_features: wgpu::Features::empty(),
+            // Timestamp queries cost nothing until kernel timing is switched on.
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -134,7 +138,12 @@ impl GpuContext {
         let scope = Scope::push(&device);
         let kernels = Kernels::new(&device);
         scope.pop()?;
+        let timer = device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+            .then(|| KernelTimer::new(&queue));
         Ok(Self {
+            timer,
             device,
             queue,
             info,

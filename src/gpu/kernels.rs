@@ -242,10 +242,15 @@ pub(crate) fn encode(
     encoder: &mut wgpu::CommandEncoder,
     max_dim: u32,
     launches: &[Launch<'_>],
+    timestamps: Option<&wgpu::QuerySet>,
 ) {
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("batchnorm"),
-        timestamp_writes: None,
+        timestamp_writes: timestamps.map(|query_set| wgpu::ComputePassTimestampWrites {
+            query_set,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        }),
     });
     for launch in launches {
         if launch.params.groups == 0 {

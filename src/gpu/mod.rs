@@ -3,3 +3,4 @@
 pub(crate) mod context;
 pub(crate) mod kernels;
 pub(crate) mod ops;
+pub(crate) mod timer;

@@ -455,12 +455,17 @@ fn run(g: &GpuContext, launches: &[Launch<'_>]) -> Result<()> {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("batchnorm"),
             });
+        let stamps = g.timer.as_ref().and_then(|t| t.begin(&g.device));
         encode(
             &g.device,
             &mut encoder,
             g.limits.max_compute_workgroups_per_dimension,
             launches,
+            stamps.as_ref().map(|s| &s.query_set),
         );
+        if let (Some(timer), Some(stamps)) = (&g.timer, stamps) {
+            timer.end(&mut encoder, stamps);
+        }
         g.queue.submit(Some(encoder.finish()));
     })
 }
