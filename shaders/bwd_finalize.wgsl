@@ -60,7 +60,9 @@ fn finish(c: u32, sums: vec2<f32>) {
         dgamma[c] = sum_dyx * st.y;
         dbeta[c] = sum_dy;
         if ((p.flags & FLAG_TRAINING) != 0u) {
-            coef[c] = vec4<f32>(st.x, a, -a * st.y * st.y * sum_dyx / n, a * sum_dy / n);
+            // Associated so that invstd³ is never formed: it overflows for tiny var + eps
+            // while the product stays finite.
+            coef[c] = vec4<f32>(st.x, a, -a * (st.y * (st.y * (sum_dyx / n))), a * sum_dy / n);
         } else {
             coef[c] = vec4<f32>(st.x, a, 0.0, 0.0);
         }

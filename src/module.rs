@@ -231,7 +231,7 @@ impl BatchNorm {
         let batch_stats = self.config.uses_batch_stats(training);
         self.config.check_input(x.shape(), batch_stats)?;
         let update = training && self.config.track_running_stats;
-        let nbt = self.num_batches_tracked + update as u64;
+        let nbt = self.num_batches_tracked.saturating_add(update as u64);
         let view = x.shape().view();
         // An empty batch updates nothing but the counter (as PyTorch does).
         let momentum = (update && view.per_channel() > 0).then(|| self.config.momentum.factor(nbt));
@@ -402,8 +402,15 @@ impl BatchNorm {
                     let dx = mask.input.then(|| {
                         Data::Cpu(Arc::new(fast::grad_input(xs, dys, &coef, training, view)))
                     });
+                    // An empty batch has zero gradients, whatever the statistics (0·NaN).
                     let dw: Vec<f32> = (0..c)
-                        .map(|ch| (sums[ch].1 * sv[2 * ch + 1] as f64) as f32)
+                        .map(|ch| {
+                            if n == 0.0 {
+                                0.0
+                            } else {
+                                (sums[ch].1 * sv[2 * ch + 1] as f64) as f32
+                            }
+                        })
                         .collect();
                     let db: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
                     (dx, Data::Cpu(Arc::new(dw)), Data::Cpu(Arc::new(db)))

@@ -3,8 +3,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use super::kernels::Kernels;
 use super::ops::{Plan, Tuning};
 use super::timer::KernelTimer;
@@ -157,6 +155,8 @@ impl GpuContext {
 
     /// Fails when the device has been lost (the next call after a loss reports it).
     pub fn check_alive(&self) -> Result<()> {
+        // A non-blocking poll runs the device-lost callback if the device has gone.
+        let _ = self.device.poll(wgpu::PollType::Poll);
         if let Some(msg) = self.uncaptured.lock().ok().and_then(|mut s| s.take()) {
             return Err(Error::GpuValidation(msg));
         }
@@ -211,28 +211,19 @@ impl GpuContext {
         Ok(())
     }
 
-    /// A storage buffer holding `data` (at least 16 bytes, so that empty tensors bind too).
+    /// A storage buffer holding `data` (padded to at least 16 bytes, so that empty tensors
+    /// bind too). Written through the queue rather than mapped at creation: on a lost
+    /// device a mapping panics inside wgpu, a queue write just fails.
     pub fn upload(&self, data: &[f32], label: &str) -> Result<wgpu::Buffer> {
         let bytes = (data.len() * 4) as u64;
         self.check_size(bytes)?;
         self.guarded(|| {
-            if data.len() >= 4 {
-                self.device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some(label),
-                        contents: bytemuck::cast_slice(data),
-                        usage: storage_usage(),
-                    })
-            } else {
-                let mut padded = [0f32; 4];
-                padded[..data.len()].copy_from_slice(data);
-                self.device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some(label),
-                        contents: bytemuck::cast_slice(&padded),
-                        usage: storage_usage(),
-                    })
+            let buffer = self.alloc(data.len(), label);
+            if !data.is_empty() {
+                self.queue
+                    .write_buffer(&buffer, 0, bytemuck::cast_slice(data));
             }
+            buffer
         })
     }
 

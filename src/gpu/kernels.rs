@@ -6,7 +6,6 @@
 //! buffers as listed in the kernel's WGSL file).
 
 use bytemuck::{Pod, Zeroable};
-use wgpu::util::DeviceExt;
 
 /// Invocations per workgroup in every kernel (`WG` in WGSL). The tree reductions assume a
 /// power of two.
@@ -239,11 +238,36 @@ pub(crate) fn grid(groups: u32, max_dim: u32) -> (u32, u32) {
 /// storage accesses, so a later launch sees what an earlier one wrote.
 pub(crate) fn encode(
     device: &wgpu::Device,
+    queue: &wgpu::Queue,
     encoder: &mut wgpu::CommandEncoder,
     max_dim: u32,
     launches: &[Launch<'_>],
     timestamps: Option<&wgpu::QuerySet>,
 ) {
+    // One uniform buffer for every launch's parameters, each at an aligned offset, written
+    // once through the queue (it lands before the submission that uses it runs).
+    let align = device.limits().min_uniform_buffer_offset_alignment as u64;
+    let stride = (std::mem::size_of::<Params>() as u64).next_multiple_of(align);
+    let mut bytes = vec![0u8; (stride * launches.len().max(1) as u64) as usize];
+    let mut grids = Vec::with_capacity(launches.len());
+    for (i, launch) in launches.iter().enumerate() {
+        let (gx, gy) = grid(launch.params.groups, max_dim);
+        let params = Params {
+            groups_x: gx,
+            ..launch.params
+        };
+        let at = i * stride as usize;
+        bytes[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&params));
+        grids.push((gx, gy));
+    }
+    let uniform = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("batchnorm params"),
+        size: bytes.len() as u64,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(&uniform, 0, &bytes);
+
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("batchnorm"),
         timestamp_writes: timestamps.map(|query_set| wgpu::ComputePassTimestampWrites {
@@ -252,23 +276,17 @@ pub(crate) fn encode(
             end_of_pass_write_index: Some(1),
         }),
     });
-    for launch in launches {
+    for (i, (launch, &(gx, gy))) in launches.iter().zip(&grids).enumerate() {
         if launch.params.groups == 0 {
             continue;
         }
-        let (gx, gy) = grid(launch.params.groups, max_dim);
-        let params = Params {
-            groups_x: gx,
-            ..launch.params
-        };
-        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(launch.kernel.name),
-            contents: bytemuck::bytes_of(&params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: uniform.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &uniform,
+                offset: i as u64 * stride,
+                size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+            }),
         }];
         entries.extend(
             launch

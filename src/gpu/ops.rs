@@ -458,6 +458,7 @@ fn run(g: &GpuContext, launches: &[Launch<'_>]) -> Result<()> {
         let stamps = g.timer.as_ref().and_then(|t| t.begin(&g.device));
         encode(
             &g.device,
+            &g.queue,
             &mut encoder,
             g.limits.max_compute_workgroups_per_dimension,
             launches,
