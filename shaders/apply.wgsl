@@ -14,17 +14,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (g >= p.groups) {
         return;
     }
-    let run = g / p.tiles;
+    // tile_len = 0: one whole run per workgroup (runs up to a workgroup's share). The
+    // fewest instructions per invocation: integer division, even once per invocation, is
+    // costly on CPU implementations (scalarized, guarded against zero).
+    let whole = p.tile_len == 0u;
+    var run = g;
+    var start = g * p.inner;
+    var end = start + p.inner;
+    if (!whole) {
+        run = g / p.tiles;
+        start = run * p.inner + (g - run * p.tiles) * p.tile_len;
+        end = min(start + p.tile_len, (run + 1u) * p.inner);
+    }
     let c = run % p.channels;
     let st = stats[c];
     let prm = state[c];
     let mean = V(st.x);
     let scale = prm.x * st.y;
     let shift = V(prm.y);
-    let begin = (g - run * p.tiles) * p.tile_len;
-    let end = min(begin + p.tile_len, p.inner);
-    let base = run * p.inner;
-    for (var j = begin + lid; j < end; j += WG) {
-        y[base + j] = (x[base + j] - mean) * scale + shift;
+    for (var i = start + lid; i < end; i += WG) {
+        y[i] = (x[i] - mean) * scale + shift;
     }
 }

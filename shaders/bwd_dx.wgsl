@@ -14,18 +14,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (g >= p.groups) {
         return;
     }
-    let run = g / p.tiles;
+    // tile_len = 0: one whole run per workgroup (see apply.wgsl).
+    var run = g;
+    var start = g * p.inner;
+    var end = start + p.inner;
+    if (p.tile_len != 0u) {
+        run = g / p.tiles;
+        start = run * p.inner + (g - run * p.tiles) * p.tile_len;
+        end = min(start + p.tile_len, (run + 1u) * p.inner);
+    }
     let k = coef[run % p.channels];
-    let begin = (g - run * p.tiles) * p.tile_len;
-    let end = min(begin + p.tile_len, p.inner);
-    let base = run * p.inner;
     if ((p.flags & FLAG_TRAINING) != 0u) {
-        for (var j = begin + lid; j < end; j += WG) {
-            dx[base + j] = k.y * dy[base + j] + k.z * (x[base + j] - V(k.x)) - V(k.w);
+        for (var i = start + lid; i < end; i += WG) {
+            dx[i] = k.y * dy[i] + k.z * (x[i] - V(k.x)) - V(k.w);
         }
     } else {
-        for (var j = begin + lid; j < end; j += WG) {
-            dx[base + j] = k.y * dy[base + j];
+        for (var i = start + lid; i < end; i += WG) {
+            dx[i] = k.y * dy[i];
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::{candidate_adapters, ContextOptions, GpuContext};
+use crate::gpu::pool::GpuBuffer;
 use crate::shape::{Layout, Shape};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -225,7 +226,7 @@ impl Context {
 /// Where a tensor's values are.
 #[derive(Clone)]
 pub(crate) enum Data {
-    Gpu(Arc<wgpu::Buffer>),
+    Gpu(Arc<GpuBuffer>),
     Cpu(Arc<Vec<f32>>),
 }
 
@@ -311,7 +312,7 @@ impl Tensor {
     /// The GPU buffer behind this tensor (16-byte padded), for interop with wgpu code.
     pub fn wgpu_buffer(&self) -> Option<&wgpu::Buffer> {
         match &self.data {
-            Data::Gpu(b) => Some(b),
+            Data::Gpu(b) => Some(&**b),
             Data::Cpu(_) => None,
         }
     }

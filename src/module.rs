@@ -7,6 +7,7 @@ use crate::context::{Backend, Context, Data, Tensor};
 use crate::cpu::fast;
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
+use crate::gpu::pool::GpuBuffer;
 use crate::gpu::ops::{self, BackwardBuffers, ForwardBuffers};
 use crate::shape::Shape;
 
@@ -110,7 +111,7 @@ pub struct Gradients {
 enum State {
     /// (γ, β, running_mean, running_var) interleaved per channel; the kernels read and
     /// update it in place.
-    Gpu(wgpu::Buffer),
+    Gpu(GpuBuffer),
     Cpu {
         weight: Vec<f32>,
         bias: Vec<f32>,
@@ -442,7 +443,7 @@ impl BatchNorm {
                                 dweight: &dw,
                                 dbias: &db,
                                 coef: &coef,
-                                dx: dx.as_ref(),
+                                dx: dx.as_deref(),
                             },
                             training,
                             reduce,
@@ -613,7 +614,7 @@ fn grow(g: &GpuContext, slot: &mut Option<wgpu::Buffer>, len: usize) -> wgpu::Bu
     match slot {
         Some(b) if b.size() >= need => b.clone(),
         _ => {
-            let b = g.alloc(len.max(4), "partials");
+            let b = g.alloc_unpooled(len.max(4), "partials");
             *slot = Some(b.clone());
             b
         }

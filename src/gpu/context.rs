@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::kernels::Kernels;
 use super::ops::{Plan, Tuning};
+use super::pool::{BufferPool, GpuBuffer};
 use super::timer::KernelTimer;
 use crate::error::{Error, Result};
 use crate::shape::View;
@@ -29,6 +30,7 @@ pub(crate) struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub kernels: Kernels,
+    pool: Arc<BufferPool>,
     /// Kernel-only timing, where the device has timestamp queries.
     pub timer: Option<KernelTimer>,
     options: ContextOptions,
@@ -142,6 +144,7 @@ impl GpuContext {
             .then(|| KernelTimer::new(&queue));
         Ok(Self {
             timer,
+            pool: Arc::default(),
             device,
             queue,
             info,
@@ -214,7 +217,7 @@ impl GpuContext {
     /// A storage buffer holding `data` (padded to at least 16 bytes, so that empty tensors
     /// bind too). Written through the queue rather than mapped at creation: on a lost
     /// device a mapping panics inside wgpu, a queue write just fails.
-    pub fn upload(&self, data: &[f32], label: &str) -> Result<wgpu::Buffer> {
+    pub fn upload(&self, data: &[f32], label: &str) -> Result<GpuBuffer> {
         let bytes = (data.len() * 4) as u64;
         self.check_size(bytes)?;
         self.guarded(|| {
@@ -227,8 +230,19 @@ impl GpuContext {
         })
     }
 
-    /// An uninitialized storage buffer for `len` floats (zeroed by wgpu).
-    pub fn alloc(&self, len: usize, label: &str) -> wgpu::Buffer {
+    /// A storage buffer for `len` floats from the pool (contents unspecified: the caller
+    /// overwrites what it reads), or a new one.
+    pub fn alloc(&self, len: usize, label: &str) -> GpuBuffer {
+        let size = (len.max(4) * 4).next_multiple_of(16) as u64;
+        let buffer = self
+            .pool
+            .take(size)
+            .unwrap_or_else(|| self.alloc_unpooled(len, label));
+        GpuBuffer::new(buffer, self.pool.clone())
+    }
+
+    /// A new storage buffer for `len` floats, not pooled.
+    pub fn alloc_unpooled(&self, len: usize, label: &str) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: (len.max(4) * 4).next_multiple_of(16) as u64,

@@ -3,4 +3,5 @@
 pub(crate) mod context;
 pub(crate) mod kernels;
 pub(crate) mod ops;
+pub(crate) mod pool;
 pub(crate) mod timer;

@@ -263,11 +263,22 @@ impl Plan {
         match self.mapping {
             Mapping::Runs { inner } => {
                 let tile_len = wg * APPLY_UNITS_PER_THREAD;
+                let runs = chunk.rows * self.channels;
+                if inner <= tile_len {
+                    // One whole run per workgroup (tile_len = 0 tells the kernel).
+                    return Params {
+                        tiles: 1,
+                        tile_len: 0,
+                        groups: runs,
+                        flags,
+                        ..base
+                    };
+                }
                 let tiles = inner.div_ceil(tile_len);
                 Params {
                     tiles,
                     tile_len,
-                    groups: chunk.rows * self.channels * tiles,
+                    groups: runs * tiles,
                     flags,
                     ..base
                 }
