@@ -7,8 +7,8 @@ use crate::context::{Backend, Context, Data, Tensor};
 use crate::cpu::fast;
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
-use crate::gpu::pool::GpuBuffer;
 use crate::gpu::ops::{self, BackwardBuffers, ForwardBuffers};
+use crate::gpu::pool::GpuBuffer;
 use crate::shape::Shape;
 
 /// What a forward saves for the backward: the per-channel mean it normalized with and
@@ -296,7 +296,10 @@ impl BatchNorm {
                         partials,
                     )
                 })?;
-                if view.numel() > 0 {
+                if view.numel() == 0 {
+                    // Nothing to launch; pooled buffers hold old data, so say zeros.
+                    g.fill_zero(&saved, 2 * c);
+                } else {
                     ops::forward(
                         g,
                         &plan,
@@ -430,7 +433,11 @@ impl BatchNorm {
                             partials,
                         )
                     })?;
-                    if view.numel() > 0 {
+                    if view.numel() == 0 {
+                        // An empty batch has zero gradients; pooled buffers hold old data.
+                        g.fill_zero(&dw, c);
+                        g.fill_zero(&db, c);
+                    } else {
                         ops::backward(
                             g,
                             &plan,

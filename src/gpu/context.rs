@@ -241,6 +241,14 @@ impl GpuContext {
         GpuBuffer::new(buffer, self.pool.clone())
     }
 
+    /// Writes `len` zeros at the start of `buffer` (ordered before the next submission).
+    pub fn fill_zero(&self, buffer: &wgpu::Buffer, len: usize) {
+        if len > 0 {
+            self.queue
+                .write_buffer(buffer, 0, bytemuck::cast_slice(&vec![0f32; len]));
+        }
+    }
+
     /// A new storage buffer for `len` floats, not pooled.
     pub fn alloc_unpooled(&self, len: usize, label: &str) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
