@@ -1,4 +1,5 @@
-// The bandwidth ceiling: a grid-stride vec4 copy. Each backend's ops are judged against it.
+// The bandwidth ceiling: a vec4 copy, in two mappings (grid-stride, and one contiguous
+// chunk per workgroup); the faster of the two on an adapter is that adapter's ceiling.
 struct Params {
     total: u32,
     gstep: u32,
@@ -16,6 +17,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     for (var i = g * 256u + lid; i < p.total; i += p.gstep) {
+        dst[i] = src[i];
+    }
+}
+
+@compute @workgroup_size(256)
+fn chunked(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = wid.x + wid.y * p.groups_x;
+    if (g >= p.groups) {
+        return;
+    }
+    let end = min((g + 1u) * 2048u, p.total);
+    for (var i = g * 2048u + lid; i < end; i += 256u) {
         dst[i] = src[i];
     }
 }
