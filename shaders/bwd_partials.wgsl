@@ -1,6 +1,6 @@
 // Backward, pass 1: one workgroup reduces one tile of one channel to
 // (Σ dy, Σ dy·(x − μ)), μ being the mean the forward normalized with. The same tiling and
-// walker as the statistics pass; x and dy are each read once.
+// walk as the statistics pass; x and dy are each read once.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> dy: array<V>;
@@ -16,25 +16,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let c = g / p.tiles;
-    let start = (g - c * p.tiles) * p.tile_len;
-    let end = min(start + p.tile_len, p.outer * p.inner);
+    let u0 = (g - c * p.tiles) * p.tile_len;
+    let u1 = min(u0 + p.tile_len, p.outer * p.inner);
     let mu = V(stats[c].x);
 
+    // Run segment by run segment, as in stats_partials.wgsl.
+    var o = u0 / p.inner;
     var sdy = V(0.0);
     var sdyx = V(0.0);
-    var j = start + lid;
-    if (j < end) {
-        var w = walker_start(c, j);
-        loop {
-            let g_out = dy[w.idx];
-            sdy += g_out;
-            sdyx += g_out * (x[w.idx] - mu);
-            j += WG;
-            if (j >= end) {
-                break;
-            }
-            walker_step(&w);
+    var seg = u0;
+    loop {
+        if (seg >= u1) {
+            break;
         }
+        let seg_end = min((o + 1u) * p.inner, u1);
+        let base = (o * (p.channels - 1u) + c) * p.inner;
+        for (var j = seg + lid; j < seg_end; j += WG) {
+            let g_out = dy[base + j];
+            sdy += g_out;
+            sdyx += g_out * (x[base + j] - mu);
+        }
+        seg = seg_end;
+        o += 1u;
     }
     sh[lid] = vec2<f32>(hsum(sdy), hsum(sdyx));
     workgroupBarrier();

@@ -14,9 +14,6 @@ struct Params {
     inner: u32,      // units of V per (outer, channel) run
     tiles: u32,      // reduction tiles per channel
     tile_len: u32,   // units of one channel handled by one reduction workgroup
-    step_addr: u32,  // walker: index advance for WG units of one channel
-    step_s: u32,     // walker: position-in-run advance for WG units
-    wrap_addr: u32,  // walker: extra advance when the run position wraps
     total: u32,      // *_cols kernels: units per outer row
     count: u32,      // scalars per channel (N·spatial)
     groups: u32,     // workgroups that do work (the grid may be larger)
@@ -29,6 +26,9 @@ struct Params {
     col_block: u32,   // column kernels: unit columns per workgroup (a power of two ≤ WG)
     col_blocks: u32,  // column kernels: workgroups across the unit columns
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
 }
 
 const FLAG_UPDATE_RUNNING: u32 = 1u;
@@ -62,29 +62,6 @@ fn chan_merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
     let d = (b.y - a.y) + (b.z - a.z);
     let wb = b.x / n;
     return vec4<f32>(n, a.y, a.z + d * wb, a.w + b.w + d * d * a.x * wb);
-}
-
-// Walks the units of one channel: unit j of channel c is (o, c, s) with o = j / inner,
-// s = j % inner. One division when a thread starts, none per step.
-struct Walker {
-    s: u32,
-    idx: u32,
-}
-
-fn walker_start(c: u32, j: u32) -> Walker {
-    let o = j / p.inner;
-    let s = j - o * p.inner;
-    return Walker(s, (o * p.channels + c) * p.inner + s);
-}
-
-// Advances a walker by WG units of its channel.
-fn walker_step(w: ptr<function, Walker>) {
-    (*w).s += p.step_s;
-    (*w).idx += p.step_addr;
-    if ((*w).s >= p.inner) {
-        (*w).s -= p.inner;
-        (*w).idx += p.wrap_addr;
-    }
 }
 
 // ---- Column mapping (*_cols.wgsl), for short runs: (N, C), channels-last, and NCHW with a

@@ -1,6 +1,6 @@
 // Statistics, pass 1, for long runs: one workgroup reduces one tile of one channel to a
 // summary (count, k, mean − k, M2) (see chan_merge in common.wgsl). Each thread accumulates
-// sums of (x − k) and (x − k)² shifted by its own first value k, turns them into a summary,
+// sums of (x − k) and (x − k)² shifted by the tile's first value k, turns them into a summary,
 // and the workgroup merges threads with Chan's formula.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
@@ -15,28 +15,36 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         return;
     }
     let c = g / p.tiles;
-    let start = (g - c * p.tiles) * p.tile_len;
-    let end = min(start + p.tile_len, p.outer * p.inner);
+    let u0 = (g - c * p.tiles) * p.tile_len;
+    let u1 = min(u0 + p.tile_len, p.outer * p.inner);
 
-    var cnt = 0u;
+    // The tile is units [u0, u1) of channel c (unit j is (o, s) = (j / inner, j % inner));
+    // it is walked one run segment at a time: no division or wrap test per unit.
+    var o = u0 / p.inner;
     var k = V(0.0);
+    if (u0 < u1) {
+        // Shift: the tile's first value.
+        k = x[(o * (p.channels - 1u) + c) * p.inner + u0];
+    }
+    var cnt = 0u;
     var s1 = V(0.0);
     var s2 = V(0.0);
-    var j = start + lid;
-    if (j < end) {
-        var w = walker_start(c, j);
-        k = x[w.idx];
-        loop {
-            let d = x[w.idx] - k;
+    var seg = u0;
+    loop {
+        if (seg >= u1) {
+            break;
+        }
+        let seg_end = min((o + 1u) * p.inner, u1);
+        // Index of unit j of this run: (o·C + c)·inner + (j − o·inner).
+        let base = (o * (p.channels - 1u) + c) * p.inner;
+        for (var j = seg + lid; j < seg_end; j += WG) {
+            let d = x[base + j] - k;
             s1 += d;
             s2 += d * d;
             cnt += 1u;
-            j += WG;
-            if (j >= end) {
-                break;
-            }
-            walker_step(&w);
         }
+        seg = seg_end;
+        o += 1u;
     }
 
     var part = vec4<f32>(0.0);

@@ -21,9 +21,6 @@ pub(crate) struct Params {
     pub inner: u32,
     pub tiles: u32,
     pub tile_len: u32,
-    pub step_addr: u32,
-    pub step_s: u32,
-    pub wrap_addr: u32,
     pub total: u32,
     pub count: u32,
     pub groups: u32,
@@ -36,6 +33,9 @@ pub(crate) struct Params {
     pub col_block: u32,
     pub col_blocks: u32,
     pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+    pub _pad3: u32,
 }
 
 pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;

@@ -210,7 +210,6 @@ impl Plan {
 
     /// Parameters of a reduction pass over one chunk.
     fn reduce(&self, chunk: &Chunk) -> Params {
-        let wg = WORKGROUP_SIZE;
         let mut p = Params {
             tiles: self.tiles,
             tile_len: self.tile_len,
@@ -219,13 +218,7 @@ impl Plan {
             ..self.base(chunk.rows)
         };
         match self.mapping {
-            Mapping::Runs { inner } => {
-                let (q, r) = (wg / inner, wg % inner);
-                p.step_addr = q * self.channels * inner + r;
-                p.step_s = r;
-                p.wrap_addr = (self.channels - 1) * inner;
-                p.groups = self.channels * self.tiles;
-            }
+            Mapping::Runs { .. } => p.groups = self.channels * self.tiles,
             Mapping::Columns { col_blocks, .. } => p.groups = col_blocks * self.tiles,
         }
         p
