@@ -293,7 +293,7 @@ impl Copier {
                     {
                         let mut pass = enc.begin_compute_pass(&Default::default());
                         pass.set_pipeline(pipeline);
-                        pass.set_bind_group(0, &*bind_group, &[]);
+                        pass.set_bind_group(0, bind_group, &[]);
                         pass.dispatch_workgroups(grid.0, grid.1, 1);
                     }
                     queue.submit(Some(enc.finish()));
