@@ -9,6 +9,14 @@ use common::{assert_close, normal};
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, ContextOptions, Error, Layout, Shape};
 
+/// The tests of this file one at a time: the big cases hold an adapter for seconds, and
+/// wgpu's GL backend panics a thread that waits more than 6 s for its GL context.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// GPU contexts whose storage bindings are capped at `cap` bytes.
 fn capped(cap: u64) -> Vec<Context> {
     common::backends(); // enforces WGPU_BATCHNORM_REQUIRE_BACKENDS and reports missing GPUs
@@ -72,24 +80,28 @@ fn check_chunked(dims: &[usize], layout: Layout, cap: u64) {
 
 #[test]
 fn chunked_nchw_scalar_runs() {
+    let _serial = serial();
     // Rows of 5·7·3·4 = 420 B; a 64 KiB cap gives chunks of 128 rows (256-B aligned offsets).
     check_chunked(&[300, 5, 7, 3], Layout::ChannelsFirst, 64 << 10);
 }
 
 #[test]
 fn chunked_nchw_vec4_runs() {
+    let _serial = serial();
     // Spatial 16: the vec4 kernels; rows of 3·16·4 = 192 B.
     check_chunked(&[700, 3, 16], Layout::ChannelsFirst, 32 << 10);
 }
 
 #[test]
 fn chunked_rank2_and_channels_last() {
+    let _serial = serial();
     check_chunked(&[5000, 7], Layout::ChannelsFirst, 16 << 10);
     check_chunked(&[40, 6, 5, 3], Layout::ChannelsLast, 4 << 10);
 }
 
 #[test]
 fn chunked_channel_columns() {
+    let _serial = serial();
     // inner = 1 and C % 4 = 0: the channels-contiguous (*_cl) kernels.
     check_chunked(&[3000, 8], Layout::ChannelsFirst, 16 << 10);
     check_chunked(&[40, 12, 5, 3], Layout::ChannelsLast, 4 << 10);
@@ -98,12 +110,14 @@ fn chunked_channel_columns() {
 
 #[test]
 fn chunked_long_runs_use_row_mapping() {
+    let _serial = serial();
     // Spatial 32·64 = 2048 floats per run: the row-mapped element-wise kernels, 2 rows a chunk.
     check_chunked(&[9, 2, 32, 64], Layout::ChannelsFirst, 32 << 10);
 }
 
 #[test]
 fn a_row_larger_than_a_binding_is_a_typed_error() {
+    let _serial = serial();
     for ctx in capped(1024) {
         let dims = [4, 3, 16, 16]; // rows of 3 KiB
         let x = ctx
@@ -170,16 +184,19 @@ fn past_binding_limit(dims: &[usize]) {
 
 #[test]
 fn past_binding_limit_205_mb() {
+    let _serial = serial();
     past_binding_limit(&[64, 256, 56, 56]);
 }
 
 #[test]
 fn past_binding_limit_617_mb() {
+    let _serial = serial();
     past_binding_limit(&[48, 256, 112, 112]);
 }
 
 #[test]
 fn kernel_timing_reports_gpu_time_where_available() {
+    let _serial = serial();
     for ctx in common::backends() {
         let x = ctx
             .tensor_from_slice(&normal(8 * 4 * 64, 3, 0.0, 1.0), &[8, 4, 64])
