@@ -94,7 +94,16 @@ fn main() -> Result<(), wgpu_batchnorm::Error> {
         let e_train = max_err(&out.y.to_vec()?, &ref_train.y);
         let grads = bn.backward(&dy, &x, &out.saved)?;
         let dx = grads.dx.as_ref().expect("dx requested").to_vec()?;
+        let dw = grads.dweight.as_ref().expect("affine").to_vec()?;
+        let db = grads.dbias.as_ref().expect("affine").to_vec()?;
+        // dγ, dβ are sums over n = 100352 values: compare relative to their size.
+        let rel = |got: &[f32], want: &[f64]| {
+            let scale = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
+            max_err(got, want) / scale
+        };
         let e_bwd = max_err(&dx, &ref_grads.dx);
+        let e_dw = rel(&dw, &ref_grads.dweight);
+        let e_db = rel(&db, &ref_grads.dbias);
         let mut eval_bn = BatchNorm::new(ctx, config)?;
         eval_bn.set_running_mean(&bn.running_mean()?.unwrap_or_default())?;
         eval_bn.set_running_var(&bn.running_var()?.unwrap_or_default())?;
@@ -108,7 +117,8 @@ fn main() -> Result<(), wgpu_batchnorm::Error> {
         let name = ctx.name();
         println!("| {name} | train forward | {t_train:.2} | {e_train:.2e} |");
         println!("| {name} | inference forward | {t_eval:.2} | {e_eval:.2e} |");
-        println!("| {name} | train backward (dx) | {t_bwd:.2} | {e_bwd:.2e} |");
+        println!("| {name} | train backward: dx | {t_bwd:.2} | {e_bwd:.2e} |");
+        println!("| {name} | train backward: dγ, dβ (relative) | | {e_dw:.2e}, {e_db:.2e} |");
     }
     Ok(())
 }
