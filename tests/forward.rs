@@ -14,22 +14,9 @@
 
 mod common;
 
-use common::{assert_close, normal, widen};
+use common::{assert_close, normal, on_every_backend, widen};
 use wgpu_batchnorm::cpu::reference::{batch_stats, RefForward, ReferenceBatchNorm};
-use wgpu_batchnorm::{wgpu, BatchNorm, BatchNormConfig, Context, Layout, Shape};
-
-static GL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Runs `body` on every backend (common::on_every_backend), one GL body at a time: wgpu's GL
-/// backend panics a thread that waits more than 6 s for the GL context lock, and a long
-/// llvmpipe dispatch in one test can hold it that long while another test waits.
-fn on_every_backend(test: &str, body: impl Fn(&Context)) {
-    common::on_every_backend(test, |ctx| {
-        let _gl =
-            (ctx.backend_kind() == "gl").then(|| GL.lock().unwrap_or_else(|e| e.into_inner()));
-        body(ctx)
-    });
-}
+use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Layout, Shape};
 
 const Y_ATOL: f64 = 2e-5;
 const Y_RTOL: f64 = 2e-5;
@@ -370,55 +357,13 @@ fn workgroups_past_65535_1x70000x65() {
     });
 }
 
-/// One context per GPU adapter on a device that allows only `max` workgroups per dispatch
-/// dimension (wgpu validates every dispatch against the limits the device was created
-/// with), so that small tensors need the 2-D grids, whatever plan the library picks.
-fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
-    let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    let backends = desc.backends;
-    let instance = wgpu::Instance::new(desc);
-    pollster::block_on(instance.enumerate_adapters(backends))
-        .into_iter()
-        .filter(|a| {
-            a.get_downlevel_capabilities()
-                .flags
-                .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-        })
-        .filter_map(|adapter| {
-            let required_limits = wgpu::Limits {
-                max_compute_workgroups_per_dimension: max,
-                ..adapter.limits()
-            };
-            let request = adapter.request_device(&wgpu::DeviceDescriptor {
-                label: Some("grid-limited"),
-                required_limits,
-                ..Default::default()
-            });
-            match pollster::block_on(request) {
-                Ok((device, queue)) => {
-                    // What the library plans with and what wgpu validates dispatches against.
-                    assert_eq!(device.limits().max_compute_workgroups_per_dimension, max);
-                    Some(Context::from_device(device, queue).unwrap())
-                }
-                Err(e) => {
-                    eprintln!(
-                        "note: {:?}: no grid-limited device: {e}",
-                        adapter.get_info().name
-                    );
-                    None
-                }
-            }
-        })
-        .collect()
-}
-
 /// Every pass on a device limited to 7 workgroups per dimension (7 is prime, so rows of the
 /// 2-D grid end part-filled): channels-first runs and columns, vec4 and scalar, rank 2,
 /// channels-last.
 #[test]
 fn two_d_grids_on_a_device_limited_to_7_workgroups_per_dimension() {
-    let _gl = GL.lock().unwrap_or_else(|e| e.into_inner());
-    let gpus = gpus_with_grid_limit(7);
+    let _gl = common::gl_lock();
+    let gpus = common::gpus_with_grid_limit(7);
     if gpus.is_empty() {
         eprintln!("SKIPPED two_d_grids_on_a_device_limited_to_7_workgroups_per_dimension: no GPU");
     }

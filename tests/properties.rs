@@ -23,19 +23,7 @@ use proptest::test_runner::FileFailurePersistence;
 use wgpu_batchnorm::cpu::reference::{RefForward, ReferenceBatchNorm};
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Error, Layout, Shape};
 
-use common::{assert_close, normal, widen};
-
-/// Runs `body` on every backend (common::on_every_backend), one GL body at a time: wgpu's GL
-/// backend panics a thread that waits more than 6 s for the GL context lock, and a long
-/// llvmpipe dispatch in one test can hold it that long while another test waits.
-fn on_every_backend(test: &str, body: impl Fn(&Context)) {
-    static GL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    common::on_every_backend(test, |ctx| {
-        let _gl =
-            (ctx.backend_kind() == "gl").then(|| GL.lock().unwrap_or_else(|e| e.into_inner()));
-        body(ctx)
-    });
-}
+use common::{assert_close, normal, on_every_backend, widen};
 
 /// One random problem.
 #[derive(Debug, Clone)]

@@ -41,9 +41,19 @@ pub fn backends() -> &'static [Context] {
     })
 }
 
-/// Runs `body` on every backend, saying which one fails.
+/// One GL body at a time per test binary: wgpu's GL backend panics a thread that waits more
+/// than 6 s for the GL context lock, and a long llvmpipe dispatch in one test can hold it
+/// that long while another test waits.
+pub fn gl_lock() -> std::sync::MutexGuard<'static, ()> {
+    static GL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `body` on every backend (GL bodies one at a time, see [`gl_lock`]), saying which
+/// one fails.
 pub fn on_every_backend(test: &str, body: impl Fn(&Context)) {
     for ctx in backends() {
+        let _gl = (ctx.backend_kind() == "gl").then(gl_lock);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(ctx)));
         if let Err(e) = r {
             eprintln!("test {test} failed on backend {}", ctx.name());
@@ -106,4 +116,46 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
 /// f32 → f64 for comparisons against exact values.
 pub fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
+}
+
+/// One context per GPU adapter on a device that allows only `max` workgroups per dispatch
+/// dimension (wgpu validates every dispatch against the limits the device was created
+/// with), so that small tensors need the 2-D grids, whatever plan the library picks.
+pub fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
+    let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    let backends = desc.backends;
+    let instance = wgpu::Instance::new(desc);
+    pollster::block_on(instance.enumerate_adapters(backends))
+        .into_iter()
+        .filter(|a| {
+            a.get_downlevel_capabilities()
+                .flags
+                .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+        })
+        .filter_map(|adapter| {
+            let required_limits = wgpu::Limits {
+                max_compute_workgroups_per_dimension: max,
+                ..adapter.limits()
+            };
+            let request = adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("grid-limited"),
+                required_limits,
+                ..Default::default()
+            });
+            match pollster::block_on(request) {
+                Ok((device, queue)) => {
+                    // What the library plans with and what wgpu validates dispatches against.
+                    assert_eq!(device.limits().max_compute_workgroups_per_dimension, max);
+                    Some(Context::from_device(device, queue).unwrap())
+                }
+                Err(e) => {
+                    eprintln!(
+                        "note: {:?}: no grid-limited device: {e}",
+                        adapter.get_info().name
+                    );
+                    None
+                }
+            }
+        })
+        .collect()
 }
