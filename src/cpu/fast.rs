@@ -29,6 +29,14 @@ fn split(v: View) -> Split {
     let row = v.channels * v.inner;
     // Enough tasks to keep every thread busy, none smaller than TASK_ELEMS.
     let want = (v.numel() / TASK_ELEMS).clamp(1, threads * 4);
+    if v.inner == 1 {
+        // Channel-contiguous rows: whole rows per task, in whole row groups.
+        let g = row_group(v.channels);
+        return Split {
+            o_chunk: v.outer.div_ceil(want).next_multiple_of(g).max(g),
+            c_chunk: v.channels.max(1),
+        };
+    }
     let o_chunk = v.outer.div_ceil(want).max(1);
     let o_tasks = v.outer.div_ceil(o_chunk).max(1);
     let c_tasks = (want / o_tasks).clamp(1, v.channels.max(1));
@@ -43,6 +51,25 @@ fn split(v: View) -> Split {
     }
 }
 
+/// Values a channel-contiguous (inner = 1) loop covers per call: that many rows' worth, so
+/// that narrow rows (tall_2d has 32 channels) do not pay the per-call setup each row.
+const ROW_GROUP_VALUES: usize = 512;
+
+/// Rows per group for `channels` channels.
+fn row_group(channels: usize) -> usize {
+    (ROW_GROUP_VALUES / channels.max(1)).max(1)
+}
+
+/// `v` repeated for each row of a row group, so that a group of rows zips with it.
+fn tile_rows(v: &[f32]) -> Vec<f32> {
+    let g = row_group(v.len());
+    let mut out = Vec::with_capacity(g * v.len());
+    for _ in 0..g {
+        out.extend_from_slice(v);
+    }
+    out
+}
+
 /// Values (per lane, or rows in the channel-contiguous case) summed in f32 before the
 /// partial sum is added to an f64 total: short enough that f32 rounding stays ~1e-6
 /// relative, long enough that the f64 adds cost little. f32 lanes are twice as wide as f64.
@@ -51,41 +78,74 @@ const F32_BLOCK: usize = 32;
 /// A per-channel reduction to two sums, over contiguous slices (so that the loops
 /// vectorize: no per-element index arithmetic or bounds checks).
 trait PairSums: Sync {
-    /// Sums over `len` values of channel `c` starting at `start`.
-    fn run(&self, start: usize, len: usize, c: usize) -> [f64; 2];
-    /// Adds a channel-contiguous row segment (inner = 1): value `start + k` is channel `c0 + k`.
-    fn row(&self, start: usize, c0: usize, acc: &mut [[f32; 2]]);
+    /// Adds the `len` values of channel `c` starting at `start` to `acc`.
+    fn run(&self, start: usize, len: usize, c: usize, acc: &mut Lanes);
+    /// Adds consecutive channel-contiguous rows (inner = 1) starting at `start`, at most a
+    /// row group: value `start + k` is channel `k % C`, its two terms go to `a0[k]`, `a1[k]`.
+    fn rows(&self, start: usize, a0: &mut [f32], a1: &mut [f32]);
 }
 
-/// Σ f(x[i], y[i]) over two equal-length slices, in `LANES` independent f32 lanes (fixed
-/// size arrays, so no bounds checks and LLVM vectorizes), flushed to f64 every
-/// `F32_BLOCK` values per lane.
-#[inline(always)]
-fn lanes2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> [f64; 2] {
-    let mut total = [0.0f64; 2];
-    for (xb, yb) in x.chunks(LANES * F32_BLOCK).zip(y.chunks(LANES * F32_BLOCK)) {
-        let mut l0 = [0.0f32; LANES];
-        let mut l1 = [0.0f32; LANES];
-        let (xc, yc) = (xb.chunks_exact(LANES), yb.chunks_exact(LANES));
-        let (xr, yr) = (xc.remainder(), yc.remainder());
-        for (xa, ya) in xc.zip(yc) {
-            let xa: &[f32; LANES] = xa.try_into().expect("chunks_exact");
-            let ya: &[f32; LANES] = ya.try_into().expect("chunks_exact");
-            for l in 0..LANES {
-                let (p, q) = f(xa[l], ya[l]);
-                l0[l] += p;
-                l1[l] += q;
+/// Two sums in `LANES` independent f32 lanes (fixed-size arrays: no bounds checks, LLVM
+/// vectorizes), flushed to f64 totals every `F32_BLOCK` values per lane. Kept across all
+/// the runs of one channel, so short runs (7×7) do not pay a horizontal sum each.
+struct Lanes {
+    l0: [f32; LANES],
+    l1: [f32; LANES],
+    /// Values per lane since the last flush.
+    pending: usize,
+    total: [f64; 2],
+}
+
+impl Lanes {
+    fn new() -> Self {
+        Self {
+            l0: [0.0; LANES],
+            l1: [0.0; LANES],
+            pending: 0,
+            total: [0.0; 2],
+        }
+    }
+
+    fn flush(&mut self) {
+        self.total[0] += self.l0.iter().map(|&v| v as f64).sum::<f64>();
+        self.total[1] += self.l1.iter().map(|&v| v as f64).sum::<f64>();
+        self.l0 = [0.0; LANES];
+        self.l1 = [0.0; LANES];
+        self.pending = 0;
+    }
+
+    /// Adds Σ f(x[i], y[i]) over two equal-length slices.
+    #[inline(always)]
+    fn add(&mut self, x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) {
+        let per_block = LANES * F32_BLOCK;
+        for (xb, yb) in x.chunks(per_block).zip(y.chunks(per_block)) {
+            let (xc, yc) = (xb.chunks_exact(LANES), yb.chunks_exact(LANES));
+            let (xr, yr) = (xc.remainder(), yc.remainder());
+            for (xa, ya) in xc.zip(yc) {
+                let xa: &[f32; LANES] = xa.try_into().expect("chunks_exact");
+                let ya: &[f32; LANES] = ya.try_into().expect("chunks_exact");
+                for l in 0..LANES {
+                    let (p, q) = f(xa[l], ya[l]);
+                    self.l0[l] += p;
+                    self.l1[l] += q;
+                }
+            }
+            for (l, (&xv, &yv)) in xr.iter().zip(yr).enumerate() {
+                let (p, q) = f(xv, yv);
+                self.l0[l] += p;
+                self.l1[l] += q;
+            }
+            self.pending += xb.len().div_ceil(LANES);
+            if self.pending >= F32_BLOCK {
+                self.flush();
             }
         }
-        for (&xv, &yv) in xr.iter().zip(yr) {
-            let (p, q) = f(xv, yv);
-            l0[0] += p;
-            l1[0] += q;
-        }
-        total[0] += l0.iter().map(|&v| v as f64).sum::<f64>();
-        total[1] += l1.iter().map(|&v| v as f64).sum::<f64>();
     }
-    total
+
+    fn finish(mut self) -> [f64; 2] {
+        self.flush();
+        self.total
+    }
 }
 
 fn reduce_pairs(v: View, r: &impl PairSums) -> Vec<[f64; 2]> {
@@ -104,29 +164,40 @@ fn reduce_pairs(v: View, r: &impl PairSums) -> Vec<[f64; 2]> {
             let c1 = (c0 + sp.c_chunk).min(c_n);
             let o0 = ot * sp.o_chunk;
             let o1 = (o0 + sp.o_chunk).min(v.outer);
-            let mut acc = vec![[0.0f64; 2]; c1 - c0];
-            if v.inner == 1 {
-                let mut acc32 = vec![[0.0f32; 2]; c1 - c0];
-                for (k, o) in (o0..o1).enumerate() {
-                    r.row(o * c_n + c0, c0, &mut acc32);
-                    if (k + 1) % F32_BLOCK == 0 || o + 1 == o1 {
-                        for (a, b) in acc.iter_mut().zip(acc32.iter_mut()) {
-                            a[0] += b[0] as f64;
-                            a[1] += b[1] as f64;
-                            *b = [0.0; 2];
-                        }
+            let acc = if v.inner == 1 {
+                // Struct-of-arrays f32 sums per (row in group, channel), flushed to f64
+                // every F32_BLOCK groups, folded per channel at the end.
+                let g = row_group(c_n);
+                let mut acc = vec![[0.0f64; 2]; c_n];
+                let (mut a0, mut a1) = (vec![0.0f32; g * c_n], vec![0.0f32; g * c_n]);
+                let flush = |acc: &mut Vec<[f64; 2]>, a0: &mut [f32], a1: &mut [f32]| {
+                    for (k, (p, q)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+                        acc[k % c_n][0] += *p as f64;
+                        acc[k % c_n][1] += *q as f64;
+                        (*p, *q) = (0.0, 0.0);
+                    }
+                };
+                for (k, o) in (o0..o1).step_by(g).enumerate() {
+                    let len = (o1 - o).min(g) * c_n;
+                    r.rows(o * c_n, &mut a0[..len], &mut a1[..len]);
+                    if (k + 1) % F32_BLOCK == 0 {
+                        flush(&mut acc, &mut a0, &mut a1);
                     }
                 }
+                flush(&mut acc, &mut a0, &mut a1);
+                acc
             } else {
-                for o in o0..o1 {
-                    for (k, a) in acc.iter_mut().enumerate() {
-                        let c = c0 + k;
-                        let [p, q] = r.run((o * c_n + c) * v.inner, v.inner, c);
-                        a[0] += p;
-                        a[1] += q;
-                    }
-                }
-            }
+                // Channel by channel over the task's rows, lanes kept across the runs.
+                (c0..c1)
+                    .map(|c| {
+                        let mut lanes = Lanes::new();
+                        for o in o0..o1 {
+                            r.run((o * c_n + c) * v.inner, v.inner, c, &mut lanes);
+                        }
+                        lanes.finish()
+                    })
+                    .collect()
+            };
             (c0, acc)
         })
         .collect();
@@ -145,24 +216,27 @@ fn reduce_pairs(v: View, r: &impl PairSums) -> Vec<[f64; 2]> {
 struct Moments<'a> {
     x: &'a [f32],
     shift: &'a [f32],
+    /// `shift` tiled over a row group (inner = 1).
+    shift_rows: &'a [f32],
 }
 
 impl PairSums for Moments<'_> {
-    fn run(&self, start: usize, len: usize, c: usize) -> [f64; 2] {
+    fn run(&self, start: usize, len: usize, c: usize, acc: &mut Lanes) {
         let xs = &self.x[start..start + len];
         let k = self.shift[c];
-        lanes2(xs, xs, |v, _| {
+        acc.add(xs, xs, |v, _| {
             let d = v - k;
             (d, d * d)
         })
     }
-    fn row(&self, start: usize, c0: usize, acc: &mut [[f32; 2]]) {
-        let xs = &self.x[start..start + acc.len()];
-        let ks = &self.shift[c0..c0 + acc.len()];
-        for ((a, &v), &k) in acc.iter_mut().zip(xs).zip(ks) {
+    fn rows(&self, start: usize, a0: &mut [f32], a1: &mut [f32]) {
+        let n = a0.len();
+        let xs = &self.x[start..start + n];
+        let ks = &self.shift_rows[..n];
+        for (((p, q), &v), &k) in a0.iter_mut().zip(a1.iter_mut()).zip(xs).zip(ks) {
             let d = v - k;
-            a[0] += d;
-            a[1] += d * d;
+            *p += d;
+            *q += d * d;
         }
     }
 }
@@ -171,23 +245,25 @@ struct GradSums<'a> {
     x: &'a [f32],
     dy: &'a [f32],
     mean: &'a [f32],
+    /// `mean` tiled over a row group (inner = 1).
+    mean_rows: &'a [f32],
 }
 
 impl PairSums for GradSums<'_> {
-    fn run(&self, start: usize, len: usize, c: usize) -> [f64; 2] {
+    fn run(&self, start: usize, len: usize, c: usize, acc: &mut Lanes) {
         let xs = &self.x[start..start + len];
         let gs = &self.dy[start..start + len];
         let m = self.mean[c];
-        lanes2(xs, gs, |v, g| (g, g * (v - m)))
+        acc.add(xs, gs, |v, g| (g, g * (v - m)))
     }
-    fn row(&self, start: usize, c0: usize, acc: &mut [[f32; 2]]) {
-        let n = acc.len();
+    fn rows(&self, start: usize, a0: &mut [f32], a1: &mut [f32]) {
+        let n = a0.len();
         let xs = &self.x[start..start + n];
         let gs = &self.dy[start..start + n];
-        let ms = &self.mean[c0..c0 + n];
-        for (((a, &v), &g), &m) in acc.iter_mut().zip(xs).zip(gs).zip(ms) {
-            a[0] += g;
-            a[1] += g * (v - m);
+        let ms = &self.mean_rows[..n];
+        for ((((p, q), &v), &g), &m) in a0.iter_mut().zip(a1.iter_mut()).zip(xs).zip(gs).zip(ms) {
+            *p += g;
+            *q += g * (v - m);
         }
     }
 }
@@ -199,7 +275,15 @@ pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
     let shift: Vec<f32> = (0..v.channels)
         .map(|c| if v.numel() == 0 { 0.0 } else { x[c * v.inner] })
         .collect();
-    let sums = reduce_pairs(v, &Moments { x, shift: &shift });
+    let shift_rows = tile_rows(&shift);
+    let sums = reduce_pairs(
+        v,
+        &Moments {
+            x,
+            shift: &shift,
+            shift_rows: &shift_rows,
+        },
+    );
     sums.iter()
         .zip(&shift)
         .map(|(s, &k)| {
@@ -217,20 +301,30 @@ pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
 
 /// Per-channel (Σ dy, Σ dy·(x − mean_c)), in f64.
 pub fn grad_sums(x: &[f32], dy: &[f32], mean: &[f32], v: View) -> Vec<(f64, f64)> {
-    reduce_pairs(v, &GradSums { x, dy, mean })
-        .into_iter()
-        .map(|s| (s[0], s[1]))
-        .collect()
+    let mean_rows = tile_rows(mean);
+    reduce_pairs(
+        v,
+        &GradSums {
+            x,
+            dy,
+            mean,
+            mean_rows: &mean_rows,
+        },
+    )
+    .into_iter()
+    .map(|s| (s[0], s[1]))
+    .collect()
 }
 
 /// Builds an output row block by row block in parallel: `run(out_run, start, c)` writes
 /// the run of channel `c` that starts at `start` (`inner` values), or with inner = 1
-/// `row(out_row, start)` writes a whole channel-contiguous row. Each must write every value
-/// of its slice. The output is not zeroed first: that would be one more pass over memory.
+/// `rows(out, start)` writes whole channel-contiguous rows, at most a row group. Each must
+/// write every value of its slice. The output is not zeroed first: that would be one more
+/// pass over memory.
 fn map_runs(
     v: View,
     run: impl Fn(&mut [MaybeUninit<f32>], usize, usize) + Sync,
-    row: impl Fn(&mut [MaybeUninit<f32>], usize) + Sync,
+    rows: impl Fn(&mut [MaybeUninit<f32>], usize) + Sync,
 ) -> Vec<f32> {
     let n = v.numel();
     let mut out: Vec<f32> = Vec::with_capacity(n);
@@ -238,24 +332,33 @@ fn map_runs(
     if row_len == 0 || n == 0 {
         return out;
     }
-    let rows_per_task = (TASK_ELEMS / row_len).max(1);
+    let g = if v.inner == 1 {
+        row_group(v.channels)
+    } else {
+        1
+    };
+    let threads = rayon::current_num_threads().max(1);
+    let per_task = (n / (threads * 4)).max(TASK_ELEMS);
+    let rows_per_task = (per_task / row_len).next_multiple_of(g).max(g);
     out.spare_capacity_mut()[..n]
         .par_chunks_mut(rows_per_task * row_len)
         .enumerate()
         .for_each(|(t, chunk)| {
             let first = t * rows_per_task * row_len;
-            for (r, block) in chunk.chunks_mut(row_len).enumerate() {
-                let base = first + r * row_len;
-                if v.inner == 1 {
-                    row(block, base);
-                } else {
+            if v.inner == 1 {
+                for (r, block) in chunk.chunks_mut(g * row_len).enumerate() {
+                    rows(block, first + r * g * row_len);
+                }
+            } else {
+                for (r, block) in chunk.chunks_mut(row_len).enumerate() {
+                    let base = first + r * row_len;
                     for (c, out_run) in block.chunks_mut(v.inner).enumerate() {
                         run(out_run, base + c * v.inner, c);
                     }
                 }
             }
         });
-    // SAFETY: the chunks cover the first n slots exactly once, and every `run`/`row` below
+    // SAFETY: the chunks cover the first n slots exactly once, and every `run`/`rows` below
     // writes each slot of its slice (they zip the slice with input slices of its length).
     unsafe { out.set_len(n) };
     out
@@ -263,6 +366,14 @@ fn map_runs(
 
 /// y = (x − m_c)·a_c + b_c with per-channel (m, a, b).
 pub fn affine_centered(x: &[f32], m: &[f32], a: &[f32], b: &[f32], v: View) -> Vec<f32> {
+    let tiled = |p: &[f32]| {
+        if v.inner == 1 {
+            tile_rows(p)
+        } else {
+            Vec::new()
+        }
+    };
+    let (mr, ar, br) = (tiled(m), tiled(a), tiled(b));
     map_runs(
         v,
         |out, start, c| {
@@ -275,7 +386,7 @@ pub fn affine_centered(x: &[f32], m: &[f32], a: &[f32], b: &[f32], v: View) -> V
         |out, start| {
             let n = out.len();
             let it = out.iter_mut().zip(&x[start..start + n]);
-            for ((((o, &xv), &mc), &ac), &bc) in it.zip(&m[..n]).zip(&a[..n]).zip(&b[..n]) {
+            for ((((o, &xv), &mc), &ac), &bc) in it.zip(&mr[..n]).zip(&ar[..n]).zip(&br[..n]) {
                 o.write((xv - mc) * ac + bc);
             }
         },
@@ -285,6 +396,15 @@ pub fn affine_centered(x: &[f32], m: &[f32], a: &[f32], b: &[f32], v: View) -> V
 /// Training: dx = a_c·dy + k_c·(x − m_c) − d_c with coef = [m, a, k, d]; eval: dx = a_c·dy.
 pub fn grad_input(x: &[f32], dy: &[f32], coef: &[[f32; 4]], training: bool, v: View) -> Vec<f32> {
     let at = |start: usize, n: usize| (&x[start..start + n], &dy[start..start + n]);
+    // Channel-contiguous rows: the coefficients as tiled arrays (struct of arrays).
+    let column = |k: usize| -> Vec<f32> {
+        if v.inner == 1 {
+            tile_rows(&coef.iter().map(|c| c[k]).collect::<Vec<_>>())
+        } else {
+            Vec::new()
+        }
+    };
+    let (mr, ar, kr, dr) = (column(0), column(1), column(2), column(3));
     map_runs(
         v,
         |out, start, c| {
@@ -301,14 +421,17 @@ pub fn grad_input(x: &[f32], dy: &[f32], coef: &[[f32; 4]], training: bool, v: V
             }
         },
         |out, start| {
-            let (xs, gs) = at(start, out.len());
-            for (((o, &xv), &g), cf) in out.iter_mut().zip(xs).zip(gs).zip(coef) {
-                let [m, a, k, d] = *cf;
-                o.write(if training {
-                    a * g + k * (xv - m) - d
-                } else {
-                    a * g
-                });
+            let n = out.len();
+            let (xs, gs) = at(start, n);
+            if training {
+                let it = out.iter_mut().zip(xs).zip(gs).zip(&mr[..n]).zip(&ar[..n]);
+                for (((((o, &xv), &g), &m), &a), (&k, &d)) in it.zip(kr[..n].iter().zip(&dr[..n])) {
+                    o.write(a * g + k * (xv - m) - d);
+                }
+            } else {
+                for ((o, &g), &a) in out.iter_mut().zip(gs).zip(&ar[..n]) {
+                    o.write(a * g);
+                }
             }
         },
     )
