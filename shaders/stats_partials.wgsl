@@ -37,11 +37,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let seg_end = min((o + 1u) * p.inner, u1);
         // Index of unit j of this run: (o·C + c)·inner + (j − o·inner).
         let base = (o * (p.channels - 1u) + c) * p.inner;
-        for (var j = seg + lid; j < seg_end; j += WG) {
+        let first = seg + lid;
+        for (var j = first; j < seg_end; j += WG) {
             let d = x[base + j] - k;
             s1 += d;
             s2 += d * d;
-            cnt += 1u;
+        }
+        // Units this invocation took from the segment (counted here, not per unit).
+        if (first < seg_end) {
+            cnt += (seg_end - first + WG - 1u) / WG;
         }
         seg = seg_end;
         o += 1u;
