@@ -1,9 +1,9 @@
 """Time PyTorch's CPU batch norm (float32) on the wgpu-batchnorm shape suite.
 
 Run from the repository root with a Python that has torch (kept outside the
-repo, e.g. a venv at /work/venv-torch):
+repo, e.g. `python3 -m venv ../venv-torch && ../venv-torch/bin/pip install torch numpy`):
 
-    /work/venv-torch/bin/python benches/pytorch_cpu.py [--threads N] [--json] [--min-time S]
+    ../venv-torch/bin/python benches/pytorch_cpu.py [--threads N] [--json] [--min-time S]
 
 --threads defaults to os.cpu_count() (torch.set_num_threads).  Each row is
 warmed up, then timed repeatedly until at least 10 reps and at least
