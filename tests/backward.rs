@@ -727,36 +727,6 @@ fn grad_mask_without_affine() {
 
 // ---- layout ----
 
-/// Channels-first (N, C, S) data → channels-last (N, S, C) memory.
-fn to_channels_last(x: &[f32], dims: &[usize]) -> Vec<f32> {
-    let (n, c) = (dims[0], dims[1]);
-    let s: usize = dims[2..].iter().product();
-    let mut out = vec![0.0; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..s {
-                out[(b * s + p) * c + ch] = x[(b * c + ch) * s + p];
-            }
-        }
-    }
-    out
-}
-
-/// Channels-last (N, S, C) memory → channels-first (N, C, S).
-fn to_channels_first(x: &[f32], dims: &[usize]) -> Vec<f32> {
-    let (n, c) = (dims[0], dims[1]);
-    let s: usize = dims[2..].iter().product();
-    let mut out = vec![0.0; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..s {
-                out[(b * c + ch) * s + p] = x[(b * s + p) * c + ch];
-            }
-        }
-    }
-    out
-}
-
 /// Channels-last gradients equal channels-first gradients on the same logical data (and
 /// match the oracle).
 #[test]
@@ -775,7 +745,10 @@ fn channels_last_equals_channels_first() {
             let seed = 70 + i as u64;
             let x = normal(dims.iter().product(), seed, 0.3, 1.5);
             let dy = normal(x.len(), seed + 1, 0.0, 1.0);
-            let (xl, dyl) = (to_channels_last(&x, &dims), to_channels_last(&dy, &dims));
+            let (xl, dyl) = (
+                common::to_channels_last(&x, &dims),
+                common::to_channels_last(&dy, &dims),
+            );
             for mode in [Mode::Train, Mode::Eval] {
                 check_backward(
                     ctx,
@@ -807,7 +780,7 @@ fn channels_last_equals_channels_first() {
                 // ≲ 100 O(1) terms.
                 assert_close(
                     &format!("{what}: dx channels-last vs channels-first"),
-                    &to_channels_first(&values(&gl.dx).unwrap(), &dims),
+                    &common::to_channels_first(&values(&gl.dx).unwrap(), &dims),
                     &widen(&values(&gf.dx).unwrap()),
                     1e-5,
                     1e-5,

@@ -724,36 +724,6 @@ fn eval_with_loaded_running_stats() {
 
 // ---- layout ----
 
-/// Channels-first (N, C, S) data → channels-last (N, S, C) memory.
-fn to_channels_last(x: &[f32], dims: &[usize]) -> Vec<f32> {
-    let (n, c) = (dims[0], dims[1]);
-    let s: usize = dims[2..].iter().product();
-    let mut out = vec![0.0; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..s {
-                out[(b * s + p) * c + ch] = x[(b * c + ch) * s + p];
-            }
-        }
-    }
-    out
-}
-
-/// Channels-last (N, S, C) memory → channels-first (N, C, S).
-fn to_channels_first(x: &[f32], dims: &[usize]) -> Vec<f32> {
-    let (n, c) = (dims[0], dims[1]);
-    let s: usize = dims[2..].iter().product();
-    let mut out = vec![0.0; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..s {
-                out[(b * c + ch) * s + p] = x[(b * s + p) * c + ch];
-            }
-        }
-    }
-    out
-}
-
 /// Channels-last results equal channels-first results on the same logical data (and both
 /// match the oracle, via check_shape's checks on the channels-last run).
 #[test]
@@ -781,14 +751,18 @@ fn channels_last_equals_channels_first() {
                 .forward_train(&ctx.tensor_from_slice(&x, &dims).unwrap())
                 .unwrap();
             let xl = ctx
-                .tensor_with_layout(&to_channels_last(&x, &dims), &dims, Layout::ChannelsLast)
+                .tensor_with_layout(
+                    &common::to_channels_last(&x, &dims),
+                    &dims,
+                    Layout::ChannelsLast,
+                )
                 .unwrap();
             let yl = last.forward_train(&xl).unwrap();
             assert_eq!(yl.y.layout(), Layout::ChannelsLast);
             // The two layouts reduce in different orders: equal to f32 rounding, not bits.
             assert_close(
                 &format!("{dims:?}: y channels-last vs channels-first"),
-                &to_channels_first(&yl.y.to_vec().unwrap(), &dims),
+                &common::to_channels_first(&yl.y.to_vec().unwrap(), &dims),
                 &widen(&yf.y.to_vec().unwrap()),
                 Y_ATOL,
                 Y_RTOL,

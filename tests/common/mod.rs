@@ -159,3 +159,33 @@ pub fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
         })
         .collect()
 }
+
+/// Channels-first (N, C, S) data → channels-last (N, S, C) memory.
+pub fn to_channels_last(x: &[f32], dims: &[usize]) -> Vec<f32> {
+    let (n, c) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let mut out = vec![0.0; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..s {
+                out[(b * s + p) * c + ch] = x[(b * c + ch) * s + p];
+            }
+        }
+    }
+    out
+}
+
+/// Channels-last (N, S, C) memory → channels-first (N, C, S).
+pub fn to_channels_first(x: &[f32], dims: &[usize]) -> Vec<f32> {
+    let (n, c) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let mut out = vec![0.0; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..s {
+                out[(b * c + ch) * s + p] = x[(b * s + p) * c + ch];
+            }
+        }
+    }
+    out
+}
