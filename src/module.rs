@@ -16,7 +16,6 @@ use crate::shape::Shape;
 /// or running statistics (inference formula).
 #[derive(Clone, Debug)]
 pub struct SavedStats {
-    ctx_id: u64,
     shape: Shape,
     batch_stats: bool,
     /// (mean, invstd) interleaved per channel.
@@ -228,6 +227,20 @@ impl BatchNorm {
     }
 
     fn run_forward(&mut self, x: &Tensor, training: bool) -> Result<ForwardOutput> {
+        let (y, saved) = self.forward_impl(x, training, true)?;
+        Ok(ForwardOutput {
+            y: y.expect("y was asked for"),
+            saved,
+        })
+    }
+
+    /// A forward; `with_y = false` computes only the saved statistics (no pass writing y).
+    fn forward_impl(
+        &mut self,
+        x: &Tensor,
+        training: bool,
+        with_y: bool,
+    ) -> Result<(Option<Tensor>, SavedStats)> {
         self.ctx.check_same("input tensor", x.context().id())?;
         let batch_stats = self.config.uses_batch_stats(training);
         self.config.check_input(x.shape(), batch_stats)?;
@@ -277,13 +290,16 @@ impl BatchNorm {
                         .unzip()
                 };
                 let scale: Vec<f32> = weight.iter().zip(&invstd).map(|(g, i)| g * i).collect();
-                let y = fast::affine_centered(xs, &mean, &scale, bias, view);
+                let y = with_y.then(|| fast::affine_centered(xs, &mean, &scale, bias, view));
                 let saved: Vec<f32> = mean
                     .iter()
                     .zip(&invstd)
                     .flat_map(|(&m, &i)| [m, i])
                     .collect();
-                (Data::Cpu(Arc::new(y)), Data::Cpu(Arc::new(saved)))
+                (
+                    y.map(|y| Data::Cpu(Arc::new(y))),
+                    Data::Cpu(Arc::new(saved)),
+                )
             }
             (State::Gpu(state), Data::Gpu(xb)) => {
                 let g = gpu(&self.ctx).expect("GPU state lives in a GPU context");
@@ -291,7 +307,7 @@ impl BatchNorm {
                 let (y, saved, partials) = g.guarded(|| {
                     let partials = grow(g, &mut self.scratch, plan.partials_len());
                     (
-                        g.alloc(view.numel(), "y"),
+                        with_y.then(|| g.alloc(view.numel(), "y")),
                         g.alloc(2 * c, "saved"),
                         partials,
                     )
@@ -308,28 +324,30 @@ impl BatchNorm {
                             state,
                             partials: &partials,
                             saved: &saved,
-                            y: &y,
+                            y: y.as_deref(),
                         },
                         batch_stats,
                         momentum,
                         self.config.eps,
                     )?;
                 }
-                (Data::Gpu(Arc::new(y)), Data::Gpu(Arc::new(saved)))
+                (
+                    y.map(|y| Data::Gpu(Arc::new(y))),
+                    Data::Gpu(Arc::new(saved)),
+                )
             }
             _ => unreachable!("tensor and layer of one context share a backend"),
         };
         self.num_batches_tracked = nbt;
-        Ok(ForwardOutput {
-            y: Tensor::new(&self.ctx, x.shape().clone(), y),
-            saved: SavedStats {
-                ctx_id: self.ctx.id(),
+        Ok((
+            y.map(|y| Tensor::new(&self.ctx, x.shape().clone(), y)),
+            SavedStats {
                 shape: x.shape().clone(),
                 batch_stats,
                 data: saved,
                 ctx: self.ctx.clone(),
             },
-        })
+        ))
     }
 
     /// Backward of the forward that produced `saved` from `x`: dx, dγ, dβ of Σ y·dy.
@@ -345,8 +363,8 @@ impl BatchNorm {
                 op: "backward_eval",
             });
         }
-        // The inference forward's saved statistics are exactly the frozen ones.
-        let saved = self.forward_eval(x)?.saved;
+        // The frozen statistics, in the form an inference forward saves them (no y pass).
+        let (_, saved) = self.forward_impl(x, false, false)?;
         self.backward_with_mask(dy, x, &saved, GradMask::ALL)
     }
 
@@ -360,7 +378,7 @@ impl BatchNorm {
     ) -> Result<Gradients> {
         self.ctx.check_same("x", x.context().id())?;
         self.ctx.check_same("dy", dy.context().id())?;
-        self.ctx.check_same("saved statistics", saved.ctx_id)?;
+        self.ctx.check_same("saved statistics", saved.ctx.id())?;
         self.config.check_input(x.shape(), false)?;
         if dy.shape() != x.shape() {
             return Err(Error::ShapeMismatch {

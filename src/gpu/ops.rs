@@ -330,7 +330,8 @@ pub(crate) struct ForwardBuffers<'a> {
     pub state: &'a wgpu::Buffer,
     pub partials: &'a wgpu::Buffer,
     pub saved: &'a wgpu::Buffer,
-    pub y: &'a wgpu::Buffer,
+    /// None: statistics only (the frozen statistics of an inference backward).
+    pub y: Option<&'a wgpu::Buffer>,
 }
 
 /// Encodes and submits a forward. `batch_stats`: compute statistics from x (and update the
@@ -373,17 +374,19 @@ pub(crate) fn forward(
             buffers: vec![b.state.into(), b.saved.into()],
         });
     }
-    for chunk in &chunks {
-        launches.push(Launch {
-            kernel: plan.pick(&k.apply, &k.apply_cols),
-            params: plan.elementwise(chunk, 0),
-            buffers: vec![
-                part(b.x, chunk),
-                b.saved.into(),
-                b.state.into(),
-                part(b.y, chunk),
-            ],
-        });
+    if let Some(y) = b.y {
+        for chunk in &chunks {
+            launches.push(Launch {
+                kernel: plan.pick(&k.apply, &k.apply_cols),
+                params: plan.elementwise(chunk, 0),
+                buffers: vec![
+                    part(b.x, chunk),
+                    b.saved.into(),
+                    b.state.into(),
+                    part(y, chunk),
+                ],
+            });
+        }
     }
     run(g, &launches)
 }
