@@ -1,5 +1,6 @@
-//! The production CPU path: f32 data, f64 accumulation, multithreaded with rayon, inner loops
-//! written over contiguous runs with independent lanes so that LLVM vectorizes them.
+//! The production CPU path: f32 data, f64 accumulation, multithreaded on rayon's threads
+//! (through [`pool`](super::pool), where the calling thread works too), inner loops written
+//! over contiguous runs with independent lanes so that LLVM vectorizes them.
 //!
 //! Two passes over x for a training forward (statistics, then normalize), as on the GPU.
 //! The statistics use sums shifted by one value of each channel: the shift removes any
@@ -7,9 +8,9 @@
 //! the long sums exact.
 
 use std::mem::MaybeUninit;
+use std::sync::{Mutex, OnceLock};
 
-use rayon::prelude::*;
-
+use super::pool;
 use crate::shape::View;
 
 /// Values one task handles at least; smaller splits cost more in scheduling than they save.
@@ -156,53 +157,58 @@ fn reduce_pairs(v: View, r: &impl PairSums) -> Vec<[f64; 2]> {
     let sp = split(v);
     let o_tasks = v.outer.div_ceil(sp.o_chunk);
     let c_tasks = c_n.div_ceil(sp.c_chunk);
-    let parts: Vec<(usize, Vec<[f64; 2]>)> = (0..o_tasks * c_tasks)
-        .into_par_iter()
-        .map(|t| {
-            let (ot, ct) = (t / c_tasks, t % c_tasks);
-            let c0 = ct * sp.c_chunk;
-            let c1 = (c0 + sp.c_chunk).min(c_n);
-            let o0 = ot * sp.o_chunk;
-            let o1 = (o0 + sp.o_chunk).min(v.outer);
-            let acc = if v.inner == 1 {
-                // Struct-of-arrays f32 sums per (row in group, channel), flushed to f64
-                // every F32_BLOCK groups, folded per channel at the end.
-                let g = row_group(c_n);
-                let mut acc = vec![[0.0f64; 2]; c_n];
-                let (mut a0, mut a1) = (vec![0.0f32; g * c_n], vec![0.0f32; g * c_n]);
-                let flush = |acc: &mut Vec<[f64; 2]>, a0: &mut [f32], a1: &mut [f32]| {
-                    for (k, (p, q)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
-                        acc[k % c_n][0] += *p as f64;
-                        acc[k % c_n][1] += *q as f64;
+    let parts: Vec<OnceLock<Vec<[f64; 2]>>> =
+        (0..o_tasks * c_tasks).map(|_| OnceLock::new()).collect();
+    pool::for_each(parts.len(), |t| {
+        let (ot, ct) = (t / c_tasks, t % c_tasks);
+        let c0 = ct * sp.c_chunk;
+        let c1 = (c0 + sp.c_chunk).min(c_n);
+        let o0 = ot * sp.o_chunk;
+        let o1 = (o0 + sp.o_chunk).min(v.outer);
+        let acc = if v.inner == 1 {
+            // Struct-of-arrays f32 sums per (row in group, channel), flushed to f64
+            // every F32_BLOCK groups, folded per channel at the end.
+            let g = row_group(c_n);
+            let mut acc = vec![[0.0f64; 2]; c_n];
+            let (mut a0, mut a1) = (vec![0.0f32; g * c_n], vec![0.0f32; g * c_n]);
+            let flush = |acc: &mut Vec<[f64; 2]>, a0: &mut [f32], a1: &mut [f32]| {
+                // Row by row (no per-value `%`: a division per value cost more than
+                // the f32 sums themselves on wide rows).
+                for (r0, r1) in a0.chunks_exact_mut(c_n).zip(a1.chunks_exact_mut(c_n)) {
+                    for ((a, p), q) in acc.iter_mut().zip(r0.iter_mut()).zip(r1.iter_mut()) {
+                        a[0] += *p as f64;
+                        a[1] += *q as f64;
                         (*p, *q) = (0.0, 0.0);
                     }
-                };
-                for (k, o) in (o0..o1).step_by(g).enumerate() {
-                    let len = (o1 - o).min(g) * c_n;
-                    r.rows(o * c_n, &mut a0[..len], &mut a1[..len]);
-                    if (k + 1) % F32_BLOCK == 0 {
-                        flush(&mut acc, &mut a0, &mut a1);
-                    }
                 }
-                flush(&mut acc, &mut a0, &mut a1);
-                acc
-            } else {
-                // Channel by channel over the task's rows, lanes kept across the runs.
-                (c0..c1)
-                    .map(|c| {
-                        let mut lanes = Lanes::new();
-                        for o in o0..o1 {
-                            r.run((o * c_n + c) * v.inner, v.inner, c, &mut lanes);
-                        }
-                        lanes.finish()
-                    })
-                    .collect()
             };
-            (c0, acc)
-        })
-        .collect();
+            for (k, o) in (o0..o1).step_by(g).enumerate() {
+                let len = (o1 - o).min(g) * c_n;
+                r.rows(o * c_n, &mut a0[..len], &mut a1[..len]);
+                if (k + 1) % F32_BLOCK == 0 {
+                    flush(&mut acc, &mut a0, &mut a1);
+                }
+            }
+            flush(&mut acc, &mut a0, &mut a1);
+            acc
+        } else {
+            // Channel by channel over the task's rows, lanes kept across the runs.
+            (c0..c1)
+                .map(|c| {
+                    let mut lanes = Lanes::new();
+                    for o in o0..o1 {
+                        r.run((o * c_n + c) * v.inner, v.inner, c, &mut lanes);
+                    }
+                    lanes.finish()
+                })
+                .collect()
+        };
+        parts[t].set(acc).expect("each task runs once");
+    });
     let mut out = vec![[0.0f64; 2]; c_n];
-    for (c0, acc) in parts {
+    for (t, acc) in parts.into_iter().enumerate() {
+        let c0 = (t % c_tasks) * sp.c_chunk;
+        let acc = acc.into_inner().expect("every task ran");
         for (k, a) in acc.into_iter().enumerate() {
             out[c0 + k][0] += a[0];
             out[c0 + k][1] += a[1];
@@ -340,24 +346,29 @@ fn map_runs(
     let threads = rayon::current_num_threads().max(1);
     let per_task = (n / (threads * 4)).max(TASK_ELEMS);
     let rows_per_task = (per_task / row_len).next_multiple_of(g).max(g);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(rows_per_task * row_len)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let first = t * rows_per_task * row_len;
-            if v.inner == 1 {
-                for (r, block) in chunk.chunks_mut(g * row_len).enumerate() {
-                    rows(block, first + r * g * row_len);
-                }
-            } else {
-                for (r, block) in chunk.chunks_mut(row_len).enumerate() {
-                    let base = first + r * row_len;
-                    for (c, out_run) in block.chunks_mut(v.inner).enumerate() {
-                        run(out_run, base + c * v.inner, c);
-                    }
+    // One uncontended lock per task: safe disjoint mutable access from any thread.
+    let chunks: Vec<Mutex<&mut [MaybeUninit<f32>]>> = out.spare_capacity_mut()[..n]
+        .chunks_mut(rows_per_task * row_len)
+        .map(Mutex::new)
+        .collect();
+    pool::for_each(chunks.len(), |t| {
+        let mut chunk = chunks[t].lock().expect("not poisoned");
+        let chunk: &mut [MaybeUninit<f32>] = &mut chunk;
+        let first = t * rows_per_task * row_len;
+        if v.inner == 1 {
+            for (r, block) in chunk.chunks_mut(g * row_len).enumerate() {
+                rows(block, first + r * g * row_len);
+            }
+        } else {
+            for (r, block) in chunk.chunks_mut(row_len).enumerate() {
+                let base = first + r * row_len;
+                for (c, out_run) in block.chunks_mut(v.inner).enumerate() {
+                    run(out_run, base + c * v.inner, c);
                 }
             }
-        });
+        }
+    });
+    drop(chunks);
     // SAFETY: the chunks cover the first n slots exactly once, and every `run`/`rows` below
     // writes each slot of its slice (they zip the slice with input slices of its length).
     unsafe { out.set_len(n) };

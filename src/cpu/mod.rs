@@ -2,4 +2,5 @@
 //! production path behind [`Context::cpu`](crate::Context::cpu).
 
 pub(crate) mod fast;
+mod pool;
 pub mod reference;

@@ -1,0 +1,189 @@
+//! A data-parallel loop in which the calling thread is one of the workers.
+//!
+//! Why not a plain rayon `par_iter`: called from a thread outside rayon's pool (the usual
+//! case: the user's own thread), every parallel call is a cold hand-off. The caller blocks on
+//! a latch while a sleeping worker is woken, then is woken itself when the work is done. On
+//! a 2-core machine that cost 40–110 µs per call, more than the whole batch norm of a 1 MB
+//! tensor (benches/NOTES.md). Here the caller takes tasks itself from the start, and helpers
+//! (jobs on rayon's pool, so rayon still owns the threads and their count) keep polling for
+//! the next loop for [`SPIN`] after their last task: back-to-back calls see no wake-up at
+//! all, and a helper that starts late simply finds no task left.
+//!
+//! Results never depend on which thread ran a task: callers store each task's result by
+//! task index and combine them in order.
+
+use std::hint::spin_loop;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+/// How long a helper keeps polling for the next loop after its last task before it gives
+/// its rayon thread back (OpenMP runtimes spin for a similar while by default).
+const SPIN: Duration = Duration::from_micros(500);
+
+/// One published loop: tasks `0..n` of `f`.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    n: usize,
+    /// Next task index to hand out (may run past `n`).
+    next: AtomicUsize,
+    /// Tasks finished.
+    done: AtomicUsize,
+}
+
+impl Job<'_> {
+    /// Takes and runs tasks until none is left.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, SeqCst);
+            if i >= self.n {
+                return;
+            }
+            (self.f)(i);
+            self.done.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+/// The one loop slot. All orderings are SeqCst: the protocol is a Dekker-style handshake
+/// (a helper announces itself in `active`, then reads `job`; the caller clears `job`, then
+/// waits for `active` to drain), which needs a single total order.
+struct Shared {
+    /// The published job, or null. Its lifetime is erased: see `for_each`.
+    job: AtomicPtr<Job<'static>>,
+    /// Bumped after each publication; helpers poll it (read-only, cheap on the cache).
+    epoch: AtomicU64,
+    /// Helpers between announcing themselves and leaving the current job.
+    active: AtomicUsize,
+    /// Helpers alive (running or polling).
+    live: AtomicUsize,
+    /// Held by the caller using the slot; a second concurrent caller falls back to rayon.
+    busy: AtomicBool,
+}
+
+static SHARED: Shared = Shared {
+    job: AtomicPtr::new(ptr::null_mut()),
+    epoch: AtomicU64::new(0),
+    active: AtomicUsize::new(0),
+    live: AtomicUsize::new(0),
+    busy: AtomicBool::new(false),
+};
+
+/// Runs `f(0) … f(n − 1)`, in parallel where threads are free, and returns when all have.
+pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Sync) {
+    let threads = rayon::current_num_threads();
+    if n <= 1 || threads <= 1 {
+        (0..n).for_each(f);
+        return;
+    }
+    let s = &SHARED;
+    if s.busy
+        .compare_exchange(false, true, SeqCst, SeqCst)
+        .is_err()
+    {
+        // Another thread is running a loop here (or this is a nested call): plain rayon.
+        (0..n).into_par_iter().for_each(|i| f(i));
+        return;
+    }
+    let job = Job {
+        f: &f,
+        n,
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+    };
+    // Unpublishes and waits for the helpers even if `f` panics on this thread, so that no
+    // helper can touch `job` after this frame is gone.
+    struct Unpublish;
+    impl Drop for Unpublish {
+        fn drop(&mut self) {
+            let s = &SHARED;
+            s.job.store(ptr::null_mut(), SeqCst);
+            wait_until(|| s.active.load(SeqCst) == 0);
+            s.busy.store(false, SeqCst);
+        }
+    }
+    let _unpublish = Unpublish;
+    // SAFETY (lifetime erasure): helpers only dereference the pointer between incrementing
+    // `active` and decrementing it, after reading it non-null; `Unpublish` nulls it and
+    // then waits for `active` to reach zero before `job` (and `f`) go out of scope.
+    s.job
+        .store(&job as *const Job<'_> as *mut Job<'static>, SeqCst);
+    s.epoch.fetch_add(1, SeqCst);
+    let want = (threads - 1).min(n - 1);
+    while s.live.load(SeqCst) < want {
+        s.live.fetch_add(1, SeqCst);
+        rayon::spawn(helper);
+    }
+    job.work();
+    wait_until(|| job.done.load(SeqCst) == n);
+}
+
+/// Spins, then yields, until `ready()`.
+fn wait_until(ready: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        if spins < 1 << 12 {
+            spins += 1;
+            spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// A helper: joins each newly published job, and leaves after `SPIN` without one.
+fn helper() {
+    let s = &SHARED;
+    let mut seen = s.epoch.load(SeqCst).wrapping_sub(1);
+    let mut idle_since = Instant::now();
+    loop {
+        let epoch = s.epoch.load(SeqCst);
+        if epoch != seen {
+            seen = epoch;
+            s.active.fetch_add(1, SeqCst);
+            let p = s.job.load(SeqCst);
+            if !p.is_null() {
+                // SAFETY: see `for_each`; `active` is held, and `p` was read after it was.
+                unsafe { &*p }.work();
+            }
+            s.active.fetch_sub(1, SeqCst);
+            idle_since = Instant::now();
+            continue;
+        }
+        if idle_since.elapsed() > SPIN {
+            s.live.fetch_sub(1, SeqCst);
+            // A loop published while this helper was leaving still runs: its caller does
+            // every task that no helper takes.
+            return;
+        }
+        for _ in 0..64 {
+            spin_loop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_task_runs_once_back_to_back_and_from_many_threads() {
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                scope.spawn(move || {
+                    for round in 0..300 {
+                        let n = 1 + (round * 7 + t) % 40;
+                        let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+                        for_each(n, |i| {
+                            hits[i].fetch_add(1, SeqCst);
+                        });
+                        assert!(hits.iter().all(|h| h.load(SeqCst) == 1), "round {round}");
+                    }
+                });
+            }
+        });
+    }
+}
