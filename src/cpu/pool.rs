@@ -84,7 +84,7 @@ pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Sync) {
         .is_err()
     {
         // Another thread is running a loop here (or this is a nested call): plain rayon.
-        (0..n).into_par_iter().for_each(|i| f(i));
+        (0..n).into_par_iter().for_each(&f);
         return;
     }
     let job = Job {
