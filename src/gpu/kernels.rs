@@ -135,7 +135,15 @@ impl Kernel {
             layout: None,
             module: &module,
             entry_point: Some("main"),
-            compilation_options: Default::default(),
+            // Every kernel writes its own slot of workgroup memory before the first barrier
+            // and reads only after it, so the zero-fill WebGPU otherwise requires is dead
+            // work. It is not free: on GL, naga emits it as one invocation storing the whole
+            // array (4096 stores per workgroup for stats_partials_cols), which made that
+            // kernel 7× slower than on Vulkan (benches/NOTES.md).
+            compilation_options: wgpu::PipelineCompilationOptions {
+                zero_initialize_workgroup_memory: false,
+                ..Default::default()
+            },
             cache: None,
         });
         let layout = pipeline.get_bind_group_layout(0);
