@@ -138,6 +138,7 @@ fn helper() {
     let s = &SHARED;
     let mut seen = s.epoch.load(SeqCst).wrapping_sub(1);
     let mut idle_since = Instant::now();
+    let mut polls = 0u32;
     loop {
         let epoch = s.epoch.load(SeqCst);
         if epoch != seen {
@@ -160,6 +161,12 @@ fn helper() {
         }
         for _ in 0..64 {
             spin_loop();
+        }
+        // Now and then let another thread have this core: with more threads than cores a
+        // pure spin would hold up the very caller it waits for.
+        polls = polls.wrapping_add(1);
+        if polls % 16 == 0 {
+            std::thread::yield_now();
         }
     }
 }
