@@ -165,7 +165,7 @@ fn helper() {
         // Now and then let another thread have this core: with more threads than cores a
         // pure spin would hold up the very caller it waits for.
         polls = polls.wrapping_add(1);
-        if polls % 16 == 0 {
+        if polls.is_multiple_of(16) {
             std::thread::yield_now();
         }
     }
