@@ -2,9 +2,11 @@
 //! (examples/bench_report.rs): the shape suite, the ops, and the copy ceiling.
 #![allow(dead_code)]
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use wgpu::util::DeviceExt;
+use wgpu_batchnorm::cpu::pool;
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Layout, SavedStats, Tensor};
 
 /// One shape of the suite; names are used everywhere (benches, report, notes).
@@ -159,8 +161,8 @@ impl Prepared {
 }
 
 /// Copies `bytes` bytes from one resident buffer to another: the faster of two vec4 copy
-/// kernels on a GPU, a multithreaded `copy_from_slice` on the CPU (the CPU path is
-/// multithreaded too). The bandwidth ceiling each backend is judged against.
+/// kernels on a GPU, a multithreaded `copy_from_slice` on the CPU (on the CPU path's own
+/// thread pool, `cpu::pool`). The bandwidth ceiling each backend is judged against.
 pub enum Copier {
     Gpu {
         device: wgpu::Device,
@@ -272,11 +274,17 @@ impl Copier {
         let t = Instant::now();
         match self {
             Copier::Cpu { src, dst } => {
-                use rayon::prelude::*;
+                // Threaded exactly as the CPU path is (the calling thread works too).
+                const CHUNK: usize = 1 << 16;
                 for _ in 0..iters {
-                    dst.par_chunks_mut(1 << 16)
-                        .zip(src.par_chunks(1 << 16))
-                        .for_each(|(d, s)| d.copy_from_slice(s));
+                    let chunks: Vec<Mutex<&mut [f32]>> =
+                        dst.chunks_mut(CHUNK).map(Mutex::new).collect();
+                    pool::for_each(chunks.len(), |i| {
+                        let mut d = chunks[i].lock().expect("not poisoned");
+                        let s = &src[i * CHUNK..][..d.len()];
+                        d.copy_from_slice(s);
+                    });
+                    drop(chunks);
                     std::hint::black_box(&dst);
                 }
             }

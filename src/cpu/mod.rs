@@ -1,6 +1,7 @@
 //! CPU implementations: [`reference`] is the f64 oracle the tests trust; `fast` is the
-//! production path behind [`Context::cpu`](crate::Context::cpu).
+//! production path behind [`Context::cpu`](crate::Context::cpu), and [`pool`] the parallel
+//! loop it runs on.
 
 pub(crate) mod fast;
-mod pool;
+pub mod pool;
 pub mod reference;

@@ -72,7 +72,10 @@ static SHARED: Shared = Shared {
 };
 
 /// Runs `f(0) … f(n − 1)`, in parallel where threads are free, and returns when all have.
-pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Sync) {
+///
+/// Public so that benchmarks can time other work (the memcpy ceiling) with the same
+/// threading as the CPU path.
+pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     let threads = rayon::current_num_threads();
     if n <= 1 || threads <= 1 {
         (0..n).for_each(f);

@@ -1,0 +1,201 @@
+//! Isolated-kernel probes behind benches/NOTES.md: how close can an element-wise pass or a
+//! read-only reduction get to a plain copy on each adapter, and what costs the difference?
+//!
+//! cargo run --release --example kernel_probe -- [--rounds N]
+//!
+//! Every kernel runs over resnet_early's x (32×64×56×56 f32 = 25.7 MB, as vec4 units) and
+//! is timed alone (submit + wait, data resident). Rounds alternate the kernels so that noise
+//! from other work on the machine hits all of them alike; the table shows each kernel's
+//! fastest round and its ratio to the grid-stride copy.
+
+use std::time::Instant;
+
+use wgpu::util::DeviceExt;
+
+const OUTER: u32 = 32;
+const CHANNELS: u32 = 64;
+/// vec4 units per (sample, channel) run: 56·56/4.
+const INNER: u32 = 784;
+const UNITS: u32 = OUTER * CHANNELS * INNER;
+/// Units per workgroup in the chunked kernels: 8 per invocation.
+const CHUNK: u32 = 2048;
+
+/// Shared declarations: x, y, per-channel (mean, scale, shift) and a uniform copy of the
+/// shape, so that a kernel can take each number as a constant or from the uniform.
+fn header() -> String {
+    format!(
+        "@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
+struct Shape {{ inner: u32, channels: u32, chunk: u32, units: u32 }}
+@group(0) @binding(3) var<uniform> u: Shape;
+const INNER: u32 = {INNER}u;
+const C: u32 = {CHANNELS}u;
+const UNITS: u32 = {UNITS}u;
+"
+    )
+}
+
+/// (name, what it shows, WGSL body of `main`, workgroups).
+fn kernels() -> Vec<(&'static str, &'static str, String, u32)> {
+    let chunks = UNITS / CHUNK;
+    let runs = OUTER * CHANNELS;
+    let stride = chunks * 256;
+    vec![
+        (
+            "copy, grid-stride",
+            "the ceiling",
+            format!("for (var i = wid.x * 256u + lid; i < UNITS; i += {stride}u) {{ y[i] = x[i]; }}"),
+            chunks,
+        ),
+        (
+            "copy, chunk per workgroup",
+            "same bytes, chunked mapping",
+            "let base = wid.x * 2048u; for (var j = 0u; j < 8u; j++) { let i = base + j * 256u + lid; y[i] = x[i]; }".into(),
+            chunks,
+        ),
+        (
+            "sum, grid-stride (read only)",
+            "what a statistics pass can cost at best",
+            format!("var s = vec4(0.0); var s2 = vec4(0.0); for (var i = wid.x * 256u + lid; i < UNITS; i += {stride}u) {{ let d = x[i]; s += d; s2 += d * d; }} y[wid.x * 256u + lid] = s + s2;"),
+            chunks,
+        ),
+        (
+            "apply, run per workgroup, uniform shape",
+            "the mapping the crate uses for long runs",
+            "let k = coef[wid.x % u.channels]; let start = wid.x * u.inner; for (var i = start + lid; i < start + u.inner; i += 256u) { y[i] = (x[i] - vec4(k.x)) * k.y + vec4(k.z); }".into(),
+            runs,
+        ),
+        (
+            "apply, chunk + select, uniform shape",
+            "chunked, channel picked among 4 preloaded by comparing with run boundaries",
+            "let base = wid.x * u.chunk; let r0 = base / u.inner; let b1 = (r0 + 1u) * u.inner - base; let b2 = b1 + u.inner; let b3 = b2 + u.inner;
+  let c0 = r0 % u.channels; let c1 = select(c0 + 1u, 0u, c0 + 1u == u.channels); let c2 = select(c1 + 1u, 0u, c1 + 1u == u.channels); let c3 = select(c2 + 1u, 0u, c2 + 1u == u.channels);
+  let k0 = coef[c0]; let k1 = coef[c1]; let k2 = coef[c2]; let k3 = coef[c3];
+  for (var j = 0u; j < 8u; j++) { let i = base + j * 256u + lid; if (i >= u.units) { break; } let li = i - base;
+    let k = select(select(select(k0, k1, li >= b1), k2, li >= b2), k3, li >= b3); y[i] = (x[i] - vec4(k.x)) * k.y + vec4(k.z); }".into(),
+            chunks,
+        ),
+        (
+            "apply, chunk + select, constant shape",
+            "the same with the shape compiled in (a per-shape pipeline)",
+            "let base = wid.x * 2048u; let r0 = base / INNER;
+  let k0 = coef[r0 % C]; let k1 = coef[(r0 + 1u) % C]; let k2 = coef[(r0 + 2u) % C]; let k3 = coef[(r0 + 3u) % C];
+  for (var j = 0u; j < 8u; j++) { let i = base + j * 256u + lid; let d = i / INNER - r0;
+    let k = select(select(select(k0, k1, d >= 1u), k2, d >= 2u), k3, d >= 3u); y[i] = (x[i] - vec4(k.x)) * k.y + vec4(k.z); }".into(),
+            chunks,
+        ),
+    ]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds: usize = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    if adapters.is_empty() {
+        eprintln!(
+            "kernel_probe: no adapter found (set WGPU_BACKEND, install a Vulkan or GL driver)"
+        );
+        std::process::exit(1);
+    }
+    for adapter in adapters {
+        let info = adapter.get_info();
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
+                .expect("device");
+        let buffer = |bytes: usize, usage| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: &vec![0x3c; bytes],
+                usage,
+            })
+        };
+        let x = buffer(UNITS as usize * 16, wgpu::BufferUsages::STORAGE);
+        let y = buffer(UNITS as usize * 16, wgpu::BufferUsages::STORAGE);
+        let coef = buffer(CHANNELS as usize * 16, wgpu::BufferUsages::STORAGE);
+        let shape = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&[INNER, CHANNELS, CHUNK, UNITS]),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let prepared: Vec<_> = kernels()
+            .into_iter()
+            .map(|(name, what, body, groups)| {
+                // Every binding is touched, so that the one layout fits every kernel.
+                let source = format!(
+                    "{}@compute @workgroup_size(256) fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+  _ = coef[0]; _ = u.units;
+  {body}
+}}",
+                    header()
+                );
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(name),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+                let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(name),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
+                let bind = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 1, resource: y.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 2, resource: coef.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 3, resource: shape.as_entire_binding() },
+                    ],
+                });
+                (name, what, pipeline, bind, groups)
+            })
+            .collect();
+        let run = |pipeline: &wgpu::ComputePipeline, bind: &wgpu::BindGroup, groups: u32| {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, bind, &[]);
+                pass.dispatch_workgroups(groups, 1, 1);
+            }
+            queue.submit(Some(encoder.finish()));
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .expect("poll");
+        };
+        for (_, _, pipeline, bind, groups) in &prepared {
+            run(pipeline, bind, *groups); // compile and warm up
+        }
+        let mut best = vec![f64::INFINITY; prepared.len()];
+        for _ in 0..rounds {
+            for (k, (_, _, pipeline, bind, groups)) in prepared.iter().enumerate() {
+                let t = Instant::now();
+                run(pipeline, bind, *groups);
+                best[k] = best[k].min(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        println!(
+            "\n{:?}: {} ({} rounds, fastest)\n",
+            info.backend, info.name, rounds
+        );
+        println!("| kernel | ms | copy ÷ kernel | shows |");
+        println!("|---|---:|---:|---|");
+        for ((name, what, ..), ms) in prepared.iter().zip(&best) {
+            println!(
+                "| {name} | {ms:.2} | {:.0} % | {what} |",
+                best[0] / ms * 100.0
+            );
+        }
+    }
+}
