@@ -85,6 +85,15 @@ fn kernels() -> Vec<(&'static str, &'static str, String, u32)> {
     let k = select(select(select(k0, k1, d >= 1u), k2, d >= 2u), k3, d >= 3u); y[i] = (x[i] - vec4(k.x)) * k.y + vec4(k.z); }".into(),
             chunks,
         ),
+        (
+            "apply, channels-last columns, grid-stride",
+            "resnet_early_nhwc (rows of 64 channels): the copy's loop, each invocation's 4 channels fixed",
+            format!("let i0 = wid.x * 256u + lid; let q = i0 % (u.channels / 4u);
+  let k0 = coef[q * 4u]; let k1 = coef[q * 4u + 1u]; let k2 = coef[q * 4u + 2u]; let k3 = coef[q * 4u + 3u];
+  let m = vec4(k0.x, k1.x, k2.x, k3.x); let a = vec4(k0.y, k1.y, k2.y, k3.y); let b = vec4(k0.z, k1.z, k2.z, k3.z);
+  for (var i = i0; i < UNITS; i += {stride}u) {{ y[i] = (x[i] - m) * a + b; }}"),
+            chunks,
+        ),
     ]
 }
 
