@@ -13,6 +13,7 @@
 //! task index and combine them in order.
 
 use std::hint::spin_loop;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -29,19 +30,24 @@ struct Job<'a> {
     n: usize,
     /// Next task index to hand out (may run past `n`).
     next: AtomicUsize,
-    /// Tasks finished.
+    /// Tasks finished (or panicked).
     done: AtomicUsize,
+    /// A task panicked; the caller panics in turn once every task is accounted for.
+    panicked: AtomicBool,
 }
 
 impl Job<'_> {
-    /// Takes and runs tasks until none is left.
+    /// Takes and runs tasks until none is left. A panicking task is caught and recorded
+    /// (a panic escaping a rayon job would abort the process), and counts as finished.
     fn work(&self) {
         loop {
             let i = self.next.fetch_add(1, SeqCst);
             if i >= self.n {
                 return;
             }
-            (self.f)(i);
+            if catch_unwind(AssertUnwindSafe(|| (self.f)(i))).is_err() {
+                self.panicked.store(true, SeqCst);
+            }
             self.done.fetch_add(1, SeqCst);
         }
     }
@@ -95,6 +101,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
         n,
         next: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
+        panicked: AtomicBool::new(false),
     };
     // Unpublishes and waits for the helpers even if `f` panics on this thread, so that no
     // helper can touch `job` after this frame is gone.
@@ -121,6 +128,10 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     }
     job.work();
     wait_until(|| job.done.load(SeqCst) == n);
+    assert!(
+        !job.panicked.load(SeqCst),
+        "a task of a CPU batch-norm loop panicked"
+    );
 }
 
 /// Spins, then yields, until `ready()`.
@@ -178,6 +189,24 @@ fn helper() {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_and_the_pool_still_works() {
+        let ran = AtomicU32::new(0);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            for_each(64, |i| {
+                ran.fetch_add(1, SeqCst);
+                assert!(i != 17, "task 17 fails");
+            })
+        }));
+        assert!(result.is_err(), "the panic must reach the caller");
+        assert_eq!(ran.load(SeqCst), 64, "the other tasks still ran");
+        let hits: Vec<AtomicU32> = (0..64).map(|_| AtomicU32::new(0)).collect();
+        for_each(64, |i| {
+            hits[i].fetch_add(1, SeqCst);
+        });
+        assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+    }
 
     #[test]
     fn every_task_runs_once_back_to_back_and_from_many_threads() {
