@@ -5,8 +5,9 @@
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
-@group(0) @binding(3) var<storage, read> state: array<vec4<f32>>; // (γ, β, running_mean, running_var)
-@group(0) @binding(4) var<storage, read_write> y: array<V>;
+@group(0) @binding(3) var<storage, read> weight: array<f32>; // γ, read with FLAG_WEIGHT
+@group(0) @binding(4) var<storage, read> bias: array<f32>;   // β, read with FLAG_BIAS
+@group(0) @binding(5) var<storage, read_write> y: array<V>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -28,11 +29,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let c = run % p.channels;
     let st = stats[c];
-    let prm = state[c];
+    var gamma = 1.0;
+    if (has(FLAG_WEIGHT)) {
+        gamma = weight[c];
+    }
+    var beta = 0.0;
+    if (has(FLAG_BIAS)) {
+        beta = bias[c];
+    }
     let mean = V(st.x);
-    let scale = prm.x * st.y;
-    let shift = V(prm.y);
-    for (var i = start + lid; i < end; i += WG) {
+    let scale = gamma * st.y;
+    let shift = V(beta);
+    for (var i = p.base + start + lid; i < p.base + end; i += WG) {
         y[i] = (x[i] - mean) * scale + shift;
     }
 }

@@ -6,8 +6,9 @@
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
-@group(0) @binding(3) var<storage, read> state: array<vec4<f32>>; // (γ, β, running_mean, running_var)
-@group(0) @binding(4) var<storage, read_write> y: array<V>;
+@group(0) @binding(3) var<storage, read> weight: array<f32>; // γ, read with FLAG_WEIGHT
+@group(0) @binding(4) var<storage, read> bias: array<f32>;   // β, read with FLAG_BIAS
+@group(0) @binding(5) var<storage, read_write> y: array<V>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -25,15 +26,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var l = 0u; l < VW; l++) {
         let c = (pos.q * VW + l) / p.inner;
         let st = stats[c];
-        let prm = state[c];
+        var gamma = 1.0;
+        if (has(FLAG_WEIGHT)) {
+            gamma = weight[c];
+        }
         set_lane(&mean, l, st.x);
-        set_lane(&scale, l, prm.x * st.y);
-        set_lane(&shift, l, prm.y);
+        set_lane(&scale, l, gamma * st.y);
+        if (has(FLAG_BIAS)) {
+            set_lane(&shift, l, bias[c]);
+        }
     }
     let row0 = pos.tile * p.tile_len;
     let row1 = min(row0 + p.tile_len, p.outer);
     for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
-        let i = o * p.total + pos.q;
+        let i = p.base + o * p.total + pos.q;
         y[i] = (x[i] - mean) * scale + shift;
     }
 }

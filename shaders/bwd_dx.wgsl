@@ -24,12 +24,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         end = min(start + p.tile_len, (run + 1u) * p.inner);
     }
     let k = coef[run % p.channels];
-    if ((p.flags & FLAG_TRAINING) != 0u) {
-        for (var i = start + lid; i < end; i += WG) {
+    if (has(FLAG_TRAINING)) {
+        for (var i = p.base + start + lid; i < p.base + end; i += WG) {
             dx[i] = k.y * dy[i] + k.z * (x[i] - V(k.x)) - V(k.w);
         }
     } else {
-        for (var i = start + lid; i < end; i += WG) {
+        for (var i = p.base + start + lid; i < p.base + end; i += WG) {
             dx[i] = k.y * dy[i];
         }
     }

@@ -29,14 +29,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let row0 = pos.tile * p.tile_len;
     let row1 = min(row0 + p.tile_len, p.outer);
-    if ((p.flags & FLAG_TRAINING) != 0u) {
+    if (has(FLAG_TRAINING)) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
-            let i = o * p.total + pos.q;
+            let i = p.base + o * p.total + pos.q;
             dx[i] = a * dy[i] + b * (x[i] - mu) - d;
         }
     } else {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
-            let i = o * p.total + pos.q;
+            let i = p.base + o * p.total + pos.q;
             dx[i] = a * dy[i];
         }
     }

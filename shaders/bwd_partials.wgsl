@@ -30,7 +30,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             break;
         }
         let seg_end = min((o + 1u) * p.inner, u1);
-        let base = (o * (p.channels - 1u) + c) * p.inner;
+        let base = p.base + (o * (p.channels - 1u) + c) * p.inner;
         for (var j = seg + lid; j < seg_end; j += WG) {
             let g_out = dy[base + j];
             sdy += g_out;

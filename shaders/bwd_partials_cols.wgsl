@@ -28,7 +28,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             set_lane(&mu, l, stats[(pos.q * VW + l) / p.inner].x);
         }
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
-            let i = o * p.total + pos.q;
+            let i = p.base + o * p.total + pos.q;
             let gv = dy[i];
             sdy += gv;
             sdyx += gv * (x[i] - mu);

@@ -1,21 +1,23 @@
 // Shared by every kernel. The host prepends `const WG: u32 = …;` and one prelude
-// (prelude_vec4.wgsl or prelude_scalar.wgsl) that defines `V`, `VW` and `hsum`.
+// (prelude_vec4.wgsl or prelude_scalar.wgsl) that defines `V`, `VW`, `hsum` and `finite_v`.
 //
 // Data model: every tensor is viewed as (outer, channels, inner) in units of V, so that
-// unit (o, c, s) lives at index (o * channels + c) * inner + s. NCHW is (N, C, H·W);
+// unit (o, c, s) lives at index base + (o * channels + c) * inner + s. NCHW is (N, C, H·W);
 // (N, C) and channels-last are (N·spatial, C, 1). A tensor larger than one storage binding
 // is processed in chunks of whole outer rows; each dispatch then sees one chunk as its
-// tensor (`outer` = rows in the chunk) and reductions place their partials by tile_offset.
+// tensor (`outer` = rows in the chunk), bound at an aligned offset at or before the chunk's
+// first row, which lies `base` units into the binding; reductions place their partials by
+// tile_offset.
 
 // Mirrors `gpu::kernels::Params` (src/gpu/kernels.rs) field for field.
 struct Params {
     outer: u32,
     channels: u32,
     inner: u32,      // units of V per (outer, channel) run
-    tiles: u32,      // reduction tiles per channel
+    tiles: u32,      // reduction tiles per channel; finalize: summaries merged per channel
     tile_len: u32,   // units of one channel handled by one reduction workgroup
     total: u32,      // *_cols kernels: units per outer row
-    count: u32,      // scalars per channel (N·spatial)
+    count: u32,      // scalars per channel (N·spatial) in this dispatch's tensor
     groups: u32,     // workgroups that do work (the grid may be larger)
     groups_x: u32,   // width of the 2-D grid
     flags: u32,      // FLAG_* below
@@ -25,10 +27,14 @@ struct Params {
     tile_offset: u32, // first partial of this chunk within a channel's partials
     col_block: u32,   // column kernels: unit columns per workgroup (a power of two ≤ WG)
     col_blocks: u32,  // column kernels: workgroups across the unit columns
+    base: u32,        // data kernels: units from the binding's start to the chunk's first row
+    part_cstride: u32, // finalize: summary t of channel c is at c·part_cstride + t·part_tstride
+    part_tstride: u32,
+    bessel: f32,      // n/(n − 1) of the whole batch, computed on the host in f64
+    inv_count: f32,   // 1/n of the whole batch (backward dx), computed on the host in f64
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
-    _pad3: u32,
 }
 
 const FLAG_UPDATE_RUNNING: u32 = 1u;
@@ -36,6 +42,17 @@ const FLAG_TRAINING: u32 = 2u;
 // Finalize kernels: one invocation per channel merges all its partials (few tiles), instead
 // of one workgroup per channel with a tree merge (many tiles).
 const FLAG_THREAD_PER_CHANNEL: u32 = 8u;
+// γ / β are bound (absent: γ = 1, β = 0).
+const FLAG_WEIGHT: u32 = 16u;
+const FLAG_BIAS: u32 = 32u;
+// stats_finalize: write the saved (mean, invstd); write the merged summaries (Moments).
+const FLAG_SAVED: u32 = 64u;
+const FLAG_MOMENTS: u32 = 128u;
+// bwd_finalize: write the per-channel sums (GradSums) instead of the dx coefficients;
+// write dγ; write dβ.
+const FLAG_SUMS: u32 = 256u;
+const FLAG_DWEIGHT: u32 = 512u;
+const FLAG_DBIAS: u32 = 1024u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -44,13 +61,26 @@ fn group_index(wid: vec3<u32>) -> u32 {
     return wid.x + wid.y * p.groups_x;
 }
 
-// A partial summary of some values: (count, k, mean − k, M2), where the shift k is one of
-// the values. Keeping the mean relative to k keeps it precise relative to the spread of the
-// data rather than to its magnitude (at 1e5 an absolute f32 mean has an ulp of 0.008, more
-// than a tenth of the std of a 64-value partial with std 0.5).
+fn has(flag: u32) -> bool {
+    return (p.flags & flag) != 0u;
+}
+
+fn finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
+}
+
+// A partial summary of some values: (count, k, mean − k, var), where the shift k is one of
+// the (finite) values and var is the biased variance M2/count. Keeping the mean relative to
+// k keeps it precise relative to the spread of the data rather than to its magnitude (at
+// 1e5 an absolute f32 mean has an ulp of 0.008, more than a tenth of the std of a 64-value
+// partial with std 0.5). Keeping var rather than M2 = count·var keeps every summary finite
+// while the variance is: at |x| ≈ 1e19, var ≈ 1e38 fits in f32 but count·var does not.
 //
-// Chan et al.'s pairwise merge of two summaries. d = (k_b − k_a) + (m_b − m_a) is exact
-// up to f32 rounding of d itself when the shifts are data values of similar magnitude.
+// Chan et al.'s pairwise merge of two summaries, in the variance form:
+//   var = wa·var_a + wb·var_b + (d·wa)·(d·wb),  wa = n_a/n, wb = n_b/n.
+// d = (k_b − k_a) + (m_b − m_a) is exact up to f32 rounding of d itself when the shifts are
+// data values of similar magnitude. Where d is not finite (a channel holding ±Inf) the mean
+// is the plain weighted mean, so +Inf stays +Inf (and +Inf with −Inf is NaN), as in a sum.
 fn chan_merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
     if (b.x == 0.0) {
         return a;
@@ -59,9 +89,40 @@ fn chan_merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
         return b;
     }
     let n = a.x + b.x;
-    let d = (b.y - a.y) + (b.z - a.z);
     let wb = b.x / n;
-    return vec4<f32>(n, a.y, a.z + d * wb, a.w + b.w + d * d * a.x * wb);
+    let wa = a.x / n;
+    let d = (b.y - a.y) + (b.z - a.z);
+    var rel = a.z + d * wb;
+    if (!finite(d)) {
+        rel = ((a.y + a.z) * wa + (b.y + b.z) * wb) - a.y;
+    }
+    return vec4<f32>(n, a.y, rel, wa * a.w + wb * b.w + (d * wa) * (d * wb));
+}
+
+// A summary from shifted sums s1 = Σ (x − k) and s2 = Σ ((x − k)/sc)² of `cnt` values:
+// var = (Σ d² − Σ d · mean(d)) / n. sc is 1, or 2^64 in the overflow fallback, where the
+// terms are divided by sc before they multiply and the variance is scaled back in two steps
+// (2^128 is not an f32).
+fn scaled_summary(cnt: f32, k: f32, s1: f32, s2: f32, sc: f32) -> vec4<f32> {
+    let rel = s1 / cnt;
+    return vec4<f32>(cnt, k, rel, ((s2 - (s1 / sc) * (rel / sc)) / cnt) * sc * sc);
+}
+
+// 2^-64 and 2^64: the overflow fallback of the partial kernels sums (x − k)·2^-64 where
+// (x − k)² overflows f32 although the variance fits, and scales the variance back by 2^128.
+const TINY: f32 = 5.421010862427522e-20;
+const HUGE: f32 = 1.8446744073709552e19;
+
+// A shift that is a finite value, or 0: an infinite shift would turn every difference into
+// ±Inf or NaN.
+fn finite_shift(k: V) -> V {
+    var out = k;
+    for (var l = 0u; l < VW; l++) {
+        if (!finite(get_lane(k, l))) {
+            set_lane(&out, l, 0.0);
+        }
+    }
+    return out;
 }
 
 // ---- Column mapping (*_cols.wgsl), for short runs: (N, C), channels-last, and NCHW with a

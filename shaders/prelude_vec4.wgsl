@@ -7,3 +7,7 @@ fn hsum(v: V) -> f32 { return v.x + v.y + v.z + v.w; }
 fn set_lane(v: ptr<function, V>, l: u32, value: f32) { (*v)[l] = value; }
 // Lane l of a V.
 fn get_lane(v: V, l: u32) -> f32 { return v[l]; }
+// Whether every lane is finite (not ±Inf or NaN), from the exponent bits.
+fn finite_v(v: V) -> bool { return all((bitcast<vec4<u32>>(v) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u)); }
+// Per lane: whether it is finite.
+fn finite_lanes(v: V) -> vec4<bool> { return (bitcast<vec4<u32>>(v) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u); }

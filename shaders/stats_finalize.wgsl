@@ -1,12 +1,22 @@
-// Statistics, pass 2: one workgroup per channel merges that channel's tile partials
-// (Chan's formula, common.wgsl), writes the saved (mean, invstd) and, when asked, updates the running
-// statistics in place: running = (1 − m)·running + m·batch, with the unbiased variance.
+// Statistics, pass 2: per channel, merges `tiles` summaries (count, k, mean − k, var) in
+// order with Chan's formula (common.wgsl). Summary t of channel c is at
+// c·part_cstride + t·part_tstride: the tile partials of stats_partials (channel-major), or
+// the Moments of several parts of a batch laid side by side (part-major). Then, as the flags
+// ask: writes the merged summary (FLAG_MOMENTS), the saved (mean, invstd) (FLAG_SAVED), and
+// updates the running statistics in place (FLAG_UPDATE_RUNNING):
+// running = (1 − m)·running + m·batch, with the unbiased variance var·n/(n − 1).
 
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> state: array<vec4<f32>>; // (γ, β, running_mean, running_var)
-@group(0) @binding(3) var<storage, read_write> saved: array<vec2<f32>>; // (mean, invstd)
+@group(0) @binding(2) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(3) var<storage, read_write> running_var: array<f32>;
+@group(0) @binding(4) var<storage, read_write> saved: array<vec2<f32>>; // (mean, invstd)
+@group(0) @binding(5) var<storage, read_write> moments: array<vec4<f32>>; // (n, k, mean − k, var)
 
 var<workgroup> sh: array<vec4<f32>, WG>;
+
+fn summary_at(c: u32, t: u32) -> vec4<f32> {
+    return partials[c * p.part_cstride + t * p.part_tstride];
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -14,12 +24,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (g >= p.groups) {
         return;
     }
-    if ((p.flags & FLAG_THREAD_PER_CHANNEL) != 0u) {
+    if (has(FLAG_THREAD_PER_CHANNEL)) {
         let c = g * WG + lid;
         if (c < p.channels) {
             var acc = vec4<f32>(0.0);
             for (var t = 0u; t < p.tiles; t++) {
-                acc = chan_merge(acc, partials[c * p.tiles + t]);
+                acc = chan_merge(acc, summary_at(c, t));
             }
             finish(c, acc);
         }
@@ -28,7 +38,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let c = g;
     var acc = vec4<f32>(0.0);
     for (var t = lid; t < p.tiles; t += WG) {
-        acc = chan_merge(acc, partials[c * p.tiles + t]);
+        acc = chan_merge(acc, summary_at(c, t));
     }
     sh[lid] = acc;
     workgroupBarrier();
@@ -43,21 +53,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
-// Writes channel c's saved statistics and updates its running statistics.
+// Writes channel c's outputs from its merged summary r.
 fn finish(c: u32, r: vec4<f32>) {
-    {
-        let mean = r.y + r.z;
-        let m2 = r.w;
-        // The exact count comes from the host: f32 sums of counts drift past 2^24.
-        let n = f32(p.count);
-        let invstd = 1.0 / sqrt(m2 / n + p.eps);
-        saved[c] = vec2<f32>(mean, invstd);
-        if ((p.flags & FLAG_UPDATE_RUNNING) != 0u) {
-            var st = state[c];
-            let unbiased = m2 / f32(p.count - 1u);
-            st.z = p.momentum * mean + (1.0 - p.momentum) * st.z;
-            st.w = p.momentum * unbiased + (1.0 - p.momentum) * st.w;
-            state[c] = st;
+    if (has(FLAG_MOMENTS)) {
+        moments[c] = r;
+    }
+    // An empty batch (r.x = 0) saves zeros and updates nothing.
+    if (r.x == 0.0) {
+        if (has(FLAG_SAVED)) {
+            saved[c] = vec2<f32>(0.0);
         }
+        return;
+    }
+    let mean = r.y + r.z;
+    if (has(FLAG_SAVED)) {
+        saved[c] = vec2<f32>(mean, 1.0 / sqrt(r.w + p.eps));
+    }
+    if (has(FLAG_UPDATE_RUNNING)) {
+        running_mean[c] = p.momentum * mean + (1.0 - p.momentum) * running_mean[c];
+        running_var[c] = p.momentum * (r.w * p.bessel) + (1.0 - p.momentum) * running_var[c];
     }
 }

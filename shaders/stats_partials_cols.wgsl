@@ -1,24 +1,25 @@
 // Statistics, pass 1, column mapping (see common.wgsl): each invocation accumulates
 // shifted sums of its unit column over its rows of the tile; the row lanes of each column
-// are merged with Chan's formula; each value column j writes one (count, k, mean − k, M2)
-// summary (see chan_merge in common.wgsl),
-// at j·tile_stride + tile_offset + tile. A channel's columns are adjacent, so its partials
-// are one contiguous range that stats_finalize merges.
+// are merged with Chan's formula; each value column j writes one (count, k, mean − k, var)
+// summary (see chan_merge in common.wgsl), at j·tile_stride + tile_offset + tile. A
+// channel's columns are adjacent, so its partials are one contiguous range that
+// stats_finalize merges.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 
-// Per lane: count (equal for all lanes), shift k, mean − k, M2.
+// Per lane: count (equal for all lanes), shift k, mean − k, var.
 struct MomentsV {
     n: f32,
     k: V,
     rel: V,
-    m2: V,
+    var_: V,
 }
 
 var<workgroup> sh: array<MomentsV, WG>;
 
-// chan_merge of each lane.
+// chan_merge (common.wgsl) of each lane, in vector arithmetic (the lanes of one invocation
+// have equal counts).
 fn merge_v(a: MomentsV, b: MomentsV) -> MomentsV {
     if (b.n == 0.0) {
         return a;
@@ -27,9 +28,12 @@ fn merge_v(a: MomentsV, b: MomentsV) -> MomentsV {
         return b;
     }
     let n = a.n + b.n;
-    let d = (b.k - a.k) + (b.rel - a.rel);
     let wb = b.n / n;
-    return MomentsV(n, a.k, a.rel + d * wb, a.m2 + b.m2 + d * d * (a.n * wb));
+    let wa = a.n / n;
+    let d = (b.k - a.k) + (b.rel - a.rel);
+    let plain = ((a.k + a.rel) * wa + (b.k + b.rel) * wb) - a.k;
+    let rel = select(plain, a.rel + d * wb, finite_lanes(d));
+    return MomentsV(n, a.k, rel, wa * a.var_ + wb * b.var_ + (d * wa) * (d * wb));
 }
 
 @compute @workgroup_size(WG)
@@ -46,24 +50,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var k = V(0.0);
     var s1 = V(0.0);
     var s2 = V(0.0);
-    var o = row0 + pos.lane;
-    if (pos.q < p.total && o < row1) {
-        k = x[o * p.total + pos.q];
-        loop {
-            let d = x[o * p.total + pos.q] - k;
+    let o0 = row0 + pos.lane;
+    if (pos.q < p.total && o0 < row1) {
+        k = finite_shift(x[p.base + o0 * p.total + pos.q]);
+        for (var o = o0; o < row1; o += pos.lanes) {
+            let d = x[p.base + o * p.total + pos.q] - k;
             s1 += d;
             s2 += d * d;
             cnt += 1u;
-            o += pos.lanes;
-            if (o >= row1) {
-                break;
-            }
         }
+    }
+    var sc = 1.0;
+    if (cnt > 0u && !finite_v(s2) && finite_v(s1)) {
+        // Finite data whose squared differences overflow: sum them scaled by 2^-64.
+        s2 = V(0.0);
+        for (var o = o0; o < row1; o += pos.lanes) {
+            let d = (x[p.base + o * p.total + pos.q] - k) * TINY;
+            s2 += d * d;
+        }
+        sc = HUGE;
     }
     var m = MomentsV(0.0, V(0.0), V(0.0), V(0.0));
     if (cnt > 0u) {
         let n = f32(cnt);
-        m = MomentsV(n, k, s1 / n, s2 - s1 * s1 / n);
+        var rel = V(0.0);
+        var v = V(0.0);
+        for (var l = 0u; l < VW; l++) {
+            let s = scaled_summary(n, get_lane(k, l), get_lane(s1, l), get_lane(s2, l), sc);
+            set_lane(&rel, l, s.z);
+            set_lane(&v, l, s.w);
+        }
+        m = MomentsV(n, k, rel, v);
     }
     sh[lid] = m;
     workgroupBarrier();
@@ -78,7 +95,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let slot = p.tile_offset + pos.tile;
         for (var l = 0u; l < VW; l++) {
             let j = pos.q * VW + l;
-            partials[j * p.tile_stride + slot] = vec4<f32>(r.n, get_lane(r.k, l), get_lane(r.rel, l), get_lane(r.m2, l));
+            partials[j * p.tile_stride + slot] = vec4<f32>(r.n, get_lane(r.k, l), get_lane(r.rel, l), get_lane(r.var_, l));
         }
     }
 }

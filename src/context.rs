@@ -178,6 +178,14 @@ impl Context {
         &self.inner.backend
     }
 
+    /// The kernel families of this context's backend (the op layer's only way in).
+    pub(crate) fn kernels(&self) -> &dyn crate::backend::Backend {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.as_ref(),
+            Backend::Cpu => &crate::cpu::backend::CpuBackend,
+        }
+    }
+
     /// Fails unless `other` is this context.
     pub(crate) fn check_same(&self, what: &'static str, other: u64) -> Result<()> {
         if other == self.id() {
@@ -314,6 +322,15 @@ impl Tensor {
         match &self.data {
             Data::Gpu(b) => Some(&**b),
             Data::Cpu(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Data::Gpu(_) => f.write_str("gpu"),
+            Data::Cpu(_) => f.write_str("cpu"),
         }
     }
 }

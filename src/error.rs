@@ -126,6 +126,10 @@ pub enum Error {
     #[error("GPU device lost or failed: {0}; create a new Context to recover")]
     DeviceLost(String),
 
+    /// An argument combination the operation does not accept.
+    #[error("{op}: {reason}")]
+    InvalidArgument { op: &'static str, reason: String },
+
     /// Reading a buffer back failed.
     #[error("reading GPU buffer back failed: {0}")]
     Readback(String),

@@ -32,12 +32,14 @@
 //! # }
 //! ```
 
+mod backend;
 mod config;
 mod context;
 pub mod cpu;
 mod error;
 mod gpu;
-mod module;
+mod nn;
+pub mod ops;
 mod shape;
 
 pub use config::{BatchNormConfig, Momentum};
@@ -45,6 +47,10 @@ pub use context::{Context, Tensor};
 pub use error::{Error, Result};
 pub use gpu::context::{ContextOptions, REQUIRED_STORAGE_BUFFERS};
 pub use gpu::kernels::{shader_sources, WORKGROUP_SIZE};
-pub use module::{BatchNorm, ForwardOutput, GradMask, Gradients, SavedStats};
+pub use nn::{BatchNorm, BatchNormState};
+pub use ops::{
+    ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost, RunningStats,
+    SavedStats,
+};
 pub use shape::{Layout, Shape};
 pub use wgpu;

@@ -277,9 +277,11 @@ impl PairSums for GradSums<'_> {
 /// Per-channel (mean, biased M2) of `x`, in f64.
 pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
     let n = v.per_channel() as f64;
-    // Shift: the channel's first value.
+    // Shift: the channel's first value, when finite (an infinite shift would turn every
+    // difference into ±Inf or NaN; with 0 a +Inf value still gives a +Inf mean).
     let shift: Vec<f32> = (0..v.channels)
         .map(|c| if v.numel() == 0 { 0.0 } else { x[c * v.inner] })
+        .map(|k| if k.is_finite() { k } else { 0.0 })
         .collect();
     let shift_rows = tile_rows(&shift);
     let sums = reduce_pairs(
@@ -292,10 +294,15 @@ pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
     );
     sums.iter()
         .zip(&shift)
-        .map(|(s, &k)| {
+        .enumerate()
+        .map(|(c, (s, &k))| {
             let k = k as f64;
             if n == 0.0 {
                 (0.0, 0.0)
+            } else if !s[1].is_finite() && s[0].is_finite() {
+                // Finite data whose f32 squared differences overflowed (|x − k| past 1.8e19):
+                // this channel again, in f64.
+                channel_moments_f64(x, v, c)
             } else {
                 // Clamp rounding below zero, but let NaN through (f64::max would eat it).
                 let m2 = s[1] - s[0] * s[0] / n;
@@ -303,6 +310,20 @@ pub fn stats(x: &[f32], v: View) -> Vec<(f64, f64)> {
             }
         })
         .collect()
+}
+
+/// (mean, M2) of channel c in f64, two passes: the slow path for data whose f32 squares
+/// overflow.
+fn channel_moments_f64(x: &[f32], v: View, c: usize) -> (f64, f64) {
+    let values = || {
+        (0..v.outer).flat_map(move |o| {
+            let start = (o * v.channels + c) * v.inner;
+            x[start..start + v.inner].iter().map(|&x| x as f64)
+        })
+    };
+    let n = v.per_channel() as f64;
+    let mean = values().sum::<f64>() / n;
+    (mean, values().map(|x| (x - mean) * (x - mean)).sum())
 }
 
 /// Per-channel (Σ dy, Σ dy·(x − mean_c)), in f64.

@@ -2,6 +2,7 @@
 //! production path behind [`Context::cpu`](crate::Context::cpu), and [`pool`] the parallel
 //! loop it runs on.
 
+pub(crate) mod backend;
 pub(crate) mod fast;
 pub mod pool;
 pub mod reference;

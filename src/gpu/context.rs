@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::kernels::Kernels;
-use super::ops::{Plan, Tuning};
+use super::plan::{Plan, Tuning};
 use super::pool::{BufferPool, GpuBuffer};
 use super::timer::KernelTimer;
 use crate::error::{Error, Result};
@@ -30,6 +30,11 @@ pub(crate) struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub kernels: Kernels,
+    /// Bound where a kernel's optional input (γ, β, partials) or output (running
+    /// statistics, dγ, dβ) is absent; its flag tells the kernel not to touch it. Two, so
+    /// that a dispatch never binds one buffer as both read-only and read-write.
+    pub dummy_read: wgpu::Buffer,
+    pub dummy_write: wgpu::Buffer,
     pool: Arc<BufferPool>,
     /// Kernel-only timing, where the device has timestamp queries.
     pub timer: Option<KernelTimer>,
@@ -142,8 +147,19 @@ impl GpuContext {
             .features()
             .contains(wgpu::Features::TIMESTAMP_QUERY)
             .then(|| KernelTimer::new(&queue));
+        let dummy = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: storage_usage(),
+                mapped_at_creation: false,
+            })
+        };
+        let (dummy_read, dummy_write) = (dummy("unused input"), dummy("unused output"));
         Ok(Self {
             timer,
+            dummy_read,
+            dummy_write,
             pool: Arc::default(),
             device,
             queue,

@@ -1,4 +1,5 @@
-//! Every WGSL source, every entry point and the one launch helper.
+//! The typed kernel registry ([`Family`]: one per WGSL file), every WGSL source, and the
+//! one launch helper.
 //!
 //! A kernel is `const WG` + a prelude (vec4 or scalar) + `common.wgsl` + its own file. The
 //! pipelines and bind-group layouts are built once per context; a launch only fills a
@@ -32,71 +33,106 @@ pub(crate) struct Params {
     pub tile_offset: u32,
     pub col_block: u32,
     pub col_blocks: u32,
+    pub base: u32,
+    pub part_cstride: u32,
+    pub part_tstride: u32,
+    pub bessel: f32,
+    pub inv_count: f32,
     pub _pad0: u32,
     pub _pad1: u32,
     pub _pad2: u32,
-    pub _pad3: u32,
 }
 
+// The FLAG_* constants of shaders/common.wgsl.
 pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;
 pub(crate) const FLAG_TRAINING: u32 = 2;
 pub(crate) const FLAG_THREAD_PER_CHANNEL: u32 = 8;
+pub(crate) const FLAG_WEIGHT: u32 = 16;
+pub(crate) const FLAG_BIAS: u32 = 32;
+pub(crate) const FLAG_SAVED: u32 = 64;
+pub(crate) const FLAG_MOMENTS: u32 = 128;
+pub(crate) const FLAG_SUMS: u32 = 256;
+pub(crate) const FLAG_DWEIGHT: u32 = 512;
+pub(crate) const FLAG_DBIAS: u32 = 1024;
 
 const PRELUDE_VEC4: &str = include_str!("../../shaders/prelude_vec4.wgsl");
 const PRELUDE_SCALAR: &str = include_str!("../../shaders/prelude_scalar.wgsl");
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
-/// The kernel files, by name. `vectorized` kernels are built twice (vec4 and scalar).
-pub(crate) const KERNEL_FILES: &[(&str, &str, bool)] = &[
-    (
-        "stats_partials",
-        include_str!("../../shaders/stats_partials.wgsl"),
-        true,
-    ),
-    (
-        "stats_finalize",
-        include_str!("../../shaders/stats_finalize.wgsl"),
-        false,
-    ),
-    (
-        "stats_running",
-        include_str!("../../shaders/stats_running.wgsl"),
-        false,
-    ),
-    ("apply", include_str!("../../shaders/apply.wgsl"), true),
-    (
-        "bwd_partials",
-        include_str!("../../shaders/bwd_partials.wgsl"),
-        true,
-    ),
-    (
-        "bwd_finalize",
-        include_str!("../../shaders/bwd_finalize.wgsl"),
-        false,
-    ),
-    ("bwd_dx", include_str!("../../shaders/bwd_dx.wgsl"), true),
-    // Column mapping, for short runs: (N, C), channels-last, NCHW with small spatial size.
-    (
-        "stats_partials_cols",
-        include_str!("../../shaders/stats_partials_cols.wgsl"),
-        true,
-    ),
-    (
-        "apply_cols",
-        include_str!("../../shaders/apply_cols.wgsl"),
-        true,
-    ),
-    (
-        "bwd_partials_cols",
-        include_str!("../../shaders/bwd_partials_cols.wgsl"),
-        true,
-    ),
-    (
-        "bwd_dx_cols",
-        include_str!("../../shaders/bwd_dx_cols.wgsl"),
-        true,
-    ),
-];
+/// The kernel families: one per shaders/*.wgsl file. The `_cols` families are the column
+/// mapping, for short runs: (N, C), channels-last, NCHW with small spatial size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Family {
+    StatsPartials,
+    StatsPartialsCols,
+    StatsFinalize,
+    StatsRunning,
+    Apply,
+    ApplyCols,
+    BwdPartials,
+    BwdPartialsCols,
+    BwdFinalize,
+    BwdDx,
+    BwdDxCols,
+}
+
+impl Family {
+    pub const ALL: [Family; 11] = [
+        Family::StatsPartials,
+        Family::StatsPartialsCols,
+        Family::StatsFinalize,
+        Family::StatsRunning,
+        Family::Apply,
+        Family::ApplyCols,
+        Family::BwdPartials,
+        Family::BwdPartialsCols,
+        Family::BwdFinalize,
+        Family::BwdDx,
+        Family::BwdDxCols,
+    ];
+
+    /// The file stem in shaders/.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::StatsPartials => "stats_partials",
+            Family::StatsPartialsCols => "stats_partials_cols",
+            Family::StatsFinalize => "stats_finalize",
+            Family::StatsRunning => "stats_running",
+            Family::Apply => "apply",
+            Family::ApplyCols => "apply_cols",
+            Family::BwdPartials => "bwd_partials",
+            Family::BwdPartialsCols => "bwd_partials_cols",
+            Family::BwdFinalize => "bwd_finalize",
+            Family::BwdDx => "bwd_dx",
+            Family::BwdDxCols => "bwd_dx_cols",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Family::StatsPartials => include_str!("../../shaders/stats_partials.wgsl"),
+            Family::StatsPartialsCols => include_str!("../../shaders/stats_partials_cols.wgsl"),
+            Family::StatsFinalize => include_str!("../../shaders/stats_finalize.wgsl"),
+            Family::StatsRunning => include_str!("../../shaders/stats_running.wgsl"),
+            Family::Apply => include_str!("../../shaders/apply.wgsl"),
+            Family::ApplyCols => include_str!("../../shaders/apply_cols.wgsl"),
+            Family::BwdPartials => include_str!("../../shaders/bwd_partials.wgsl"),
+            Family::BwdPartialsCols => include_str!("../../shaders/bwd_partials_cols.wgsl"),
+            Family::BwdFinalize => include_str!("../../shaders/bwd_finalize.wgsl"),
+            Family::BwdDx => include_str!("../../shaders/bwd_dx.wgsl"),
+            Family::BwdDxCols => include_str!("../../shaders/bwd_dx_cols.wgsl"),
+        }
+    }
+
+    /// Whether the family is built twice, over vec4 and scalar units (the per-channel
+    /// finalize passes are scalar only).
+    fn vectorized(self) -> bool {
+        !matches!(
+            self,
+            Family::StatsFinalize | Family::StatsRunning | Family::BwdFinalize
+        )
+    }
+}
 
 /// The complete WGSL of one kernel variant.
 pub(crate) fn compose(body: &str, vec4: bool) -> String {
@@ -108,9 +144,10 @@ pub(crate) fn compose(body: &str, vec4: bool) -> String {
 /// the shaders outside wgpu (e.g. translating them to every backend language with naga).
 pub fn shader_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for &(name, body, vectorized) in KERNEL_FILES {
+    for family in Family::ALL {
+        let (name, body) = (family.name(), family.source());
         out.push((format!("{name}_scalar"), compose(body, false)));
-        if vectorized {
+        if family.vectorized() {
             out.push((format!("{name}_vec4"), compose(body, true)));
         }
     }
@@ -170,70 +207,61 @@ impl Variants {
     }
 }
 
-/// All pipelines of a context.
+/// All pipelines of a context, by [`Family`].
 pub(crate) struct Kernels {
-    pub stats_partials: Variants,
-    pub stats_finalize: Kernel,
-    pub stats_running: Kernel,
-    pub apply: Variants,
-    pub bwd_partials: Variants,
-    pub bwd_finalize: Kernel,
-    pub bwd_dx: Variants,
-    pub stats_partials_cols: Variants,
-    pub apply_cols: Variants,
-    pub bwd_partials_cols: Variants,
-    pub bwd_dx_cols: Variants,
+    families: Vec<Variants>,
 }
 
 impl Kernels {
     pub fn new(device: &wgpu::Device) -> Self {
-        let build = |name: &'static str| -> Variants {
-            let &(_, body, vectorized) = KERNEL_FILES
-                .iter()
-                .find(|k| k.0 == name)
-                .expect("kernel names are the constants above");
-            Variants {
-                vec4: vectorized.then(|| Kernel::new(device, name, &compose(body, true))),
-                scalar: Kernel::new(device, name, &compose(body, false)),
-            }
-        };
-        Self {
-            stats_partials: build("stats_partials"),
-            stats_finalize: build("stats_finalize").scalar,
-            stats_running: build("stats_running").scalar,
-            apply: build("apply"),
-            bwd_partials: build("bwd_partials"),
-            bwd_finalize: build("bwd_finalize").scalar,
-            bwd_dx: build("bwd_dx"),
-            stats_partials_cols: build("stats_partials_cols"),
-            apply_cols: build("apply_cols"),
-            bwd_partials_cols: build("bwd_partials_cols"),
-            bwd_dx_cols: build("bwd_dx_cols"),
-        }
+        let families = Family::ALL
+            .iter()
+            .map(|&f| {
+                let (name, body) = (f.name(), f.source());
+                Variants {
+                    vec4: f
+                        .vectorized()
+                        .then(|| Kernel::new(device, name, &compose(body, true))),
+                    scalar: Kernel::new(device, name, &compose(body, false)),
+                }
+            })
+            .collect();
+        Self { families }
+    }
+
+    /// The pipeline of `family` over vec4 or scalar units (scalar-only families ignore
+    /// `vec4`).
+    pub fn get(&self, family: Family, vec4: bool) -> &Kernel {
+        let index = Family::ALL
+            .iter()
+            .position(|&f| f == family)
+            .expect("ALL lists every family");
+        self.families[index].get(vec4)
     }
 }
 
 /// A buffer binding: the whole buffer, or a byte range of it (a chunk of a large tensor).
-#[derive(Clone, Copy)]
-pub(crate) struct Bind<'a> {
-    pub buffer: &'a wgpu::Buffer,
+#[derive(Clone)]
+pub(crate) struct Bind {
+    pub buffer: wgpu::Buffer,
     pub range: Option<(u64, u64)>,
 }
 
-impl<'a> From<&'a wgpu::Buffer> for Bind<'a> {
-    fn from(buffer: &'a wgpu::Buffer) -> Self {
+impl From<&wgpu::Buffer> for Bind {
+    fn from(buffer: &wgpu::Buffer) -> Self {
         Self {
-            buffer,
+            buffer: buffer.clone(),
             range: None,
         }
     }
 }
 
 /// One dispatch: a kernel, its parameters and its buffers in binding order (from 1).
-pub(crate) struct Launch<'a> {
-    pub kernel: &'a Kernel,
+pub(crate) struct Launch {
+    pub family: Family,
+    pub vec4: bool,
     pub params: Params,
-    pub buffers: Vec<Bind<'a>>,
+    pub buffers: Vec<Bind>,
 }
 
 /// Splits `groups` workgroups into a grid no wider than `max_dim` (2-D past the limit).
@@ -247,9 +275,10 @@ pub(crate) fn grid(groups: u32, max_dim: u32) -> (u32, u32) {
 pub(crate) fn encode(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
+    kernels: &Kernels,
     encoder: &mut wgpu::CommandEncoder,
     max_dim: u32,
-    launches: &[Launch<'_>],
+    launches: &[Launch],
     timestamps: Option<&wgpu::QuerySet>,
 ) {
     // One uniform buffer for every launch's parameters, each at an aligned offset, written
@@ -307,7 +336,7 @@ pub(crate) fn encode(
                         None => b.buffer.as_entire_binding(),
                         Some((offset, size)) => {
                             wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: b.buffer,
+                                buffer: &b.buffer,
                                 offset,
                                 size: wgpu::BufferSize::new(size),
                             })
@@ -315,12 +344,13 @@ pub(crate) fn encode(
                     },
                 }),
         );
+        let kernel = kernels.get(launch.family, launch.vec4);
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(launch.kernel.name),
-            layout: &launch.kernel.layout,
+            label: Some(kernel.name),
+            layout: &kernel.layout,
             entries: &entries,
         });
-        pass.set_pipeline(&launch.kernel.pipeline);
+        pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(gx, gy, 1);
     }

@@ -1,13 +1,8 @@
-//! Launch sequences. Training forward: stats_partials → stats_finalize → apply (x read
-//! twice, y written once). Inference: stats_running → apply. Backward: bwd_partials →
-//! bwd_finalize → bwd_dx (x and dy read twice, dx written once). All dispatches of an
-//! operation go into one submission; nothing is read back.
+//! How a tensor is cut into binding-sized chunks and workgroups (a [`Plan`]), and the
+//! kernel parameters of each pass over it. The launch sequences are in
+//! [`backend`](super::backend).
 
-use super::context::GpuContext;
-use super::kernels::{
-    encode, Bind, Kernel, Launch, Params, Variants, FLAG_THREAD_PER_CHANNEL, FLAG_TRAINING,
-    FLAG_UPDATE_RUNNING, WORKGROUP_SIZE,
-};
+use super::kernels::{Bind, Family, Params, FLAG_THREAD_PER_CHANNEL, WORKGROUP_SIZE};
 use crate::error::{Error, Result};
 use crate::shape::View;
 
@@ -50,9 +45,11 @@ const APPLY_UNITS_PER_THREAD: u32 = 8;
 /// workgroups.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Plan {
+    /// The device's `min_storage_buffer_offset_alignment`.
+    align: u64,
     mapping: Mapping,
-    vec4: bool,
-    channels: u32,
+    pub vec4: bool,
+    pub channels: u32,
     /// Values per run (the spatial size for channels-first; 1 for channels-last).
     run_len: u32,
     /// Bytes of one outer row (all channels).
@@ -83,12 +80,15 @@ enum Mapping {
     },
 }
 
-/// One chunk: its outer rows and, when the tensor is chunked, its byte range.
+/// One chunk: its outer rows and, when the tensor is chunked, the byte range bound for it
+/// (starting at an aligned offset at or before its first row) and the units from there to
+/// its first row.
 #[derive(Debug, Clone, Copy)]
-struct Chunk {
+pub(crate) struct Chunk {
     index: u32,
     rows: u32,
     range: Option<(u64, u64)>,
+    base: u32,
 }
 
 impl Plan {
@@ -117,13 +117,15 @@ impl Plan {
         let rows_per_chunk = if total_bytes <= max_binding {
             v.outer.max(1) as u64
         } else {
-            // Chunk offsets must be multiples of `align`.
-            let step = align / gcd(row_bytes, align);
-            let rows = max_binding / row_bytes / step * step;
+            // A chunk is bound from the aligned offset at or before its first row, so it
+            // needs up to `align − 4` bytes of slack before its rows.
+            let rows = max_binding.saturating_sub(align.saturating_sub(4)) / row_bytes;
             if rows == 0 {
                 return Err(Error::TooLarge {
-                    bytes: total_bytes,
-                    limit_name: "max_storage_buffer_binding_size (one outer row must fit)",
+                    bytes: row_bytes + align.saturating_sub(4),
+                    limit_name: "max_storage_buffer_binding_size (one outer row of the input, \
+                                 plus the slack of the storage-offset alignment, must fit one \
+                                 binding)",
                     limit: max_binding,
                 });
             }
@@ -149,6 +151,7 @@ impl Plan {
         let tile_len = space.div_ceil(tiles).next_multiple_of(lanes).max(lanes);
         let tiles = space.div_ceil(tile_len).max(1);
         Ok(Self {
+            align,
             mapping,
             vec4,
             channels,
@@ -163,16 +166,46 @@ impl Plan {
         })
     }
 
-    fn chunk_list(&self) -> Vec<Chunk> {
+    pub fn chunk_list(&self) -> Vec<Chunk> {
+        let unit = if self.vec4 { 16 } else { 4 };
         (0..self.chunks)
             .map(|index| {
                 let o0 = index * self.rows_per_chunk;
                 let rows = self.rows_per_chunk.min(self.outer - o0);
-                let range = (self.chunks > 1)
-                    .then(|| (o0 as u64 * self.row_bytes, rows as u64 * self.row_bytes));
-                Chunk { index, rows, range }
+                if self.chunks == 1 {
+                    return Chunk {
+                        index,
+                        rows,
+                        range: None,
+                        base: 0,
+                    };
+                }
+                let start = o0 as u64 * self.row_bytes;
+                let bound = start - start % self.align;
+                let slack = start - bound;
+                Chunk {
+                    index,
+                    rows,
+                    range: Some((bound, slack + rows as u64 * self.row_bytes)),
+                    // vec4 rows are whole units and the alignment is a multiple of 16 bytes
+                    // (or smaller than a row's unit), so the slack is whole units.
+                    base: (slack / unit) as u32,
+                }
             })
             .collect()
+    }
+
+    /// The chunk's slice of a tensor-sized buffer.
+    pub fn part(&self, buffer: &wgpu::Buffer, chunk: &Chunk) -> Bind {
+        Bind {
+            buffer: buffer.clone(),
+            range: chunk.range,
+        }
+    }
+
+    /// Whether the tensor holds no values (nothing to launch).
+    pub fn is_empty(&self) -> bool {
+        self.outer == 0 || self.channels == 0 || self.run_len == 0
     }
 
     fn base(&self, rows: u32) -> Params {
@@ -209,8 +242,9 @@ impl Plan {
     }
 
     /// Parameters of a reduction pass over one chunk.
-    fn reduce(&self, chunk: &Chunk) -> Params {
+    pub fn reduce(&self, chunk: &Chunk) -> Params {
         let mut p = Params {
+            base: chunk.base,
             tiles: self.tiles,
             tile_len: self.tile_len,
             tile_stride: self.tiles * self.chunks,
@@ -224,35 +258,24 @@ impl Plan {
         p
     }
 
-    /// Parameters of a per-channel finalize pass; `reduced` says whether partials exist.
-    fn finalize(&self, reduced: bool, eps: f32, momentum: f32, flags: u32) -> Params {
+    /// Parameters of a per-channel finalize pass over this plan's tile partials (none when
+    /// `reduced` is false).
+    pub fn finalize(&self, reduced: bool, flags: u32) -> Params {
         let tiles = if reduced {
             self.partials_per_channel()
         } else {
             0
         };
-        let (groups, flags) = if tiles <= FINALIZE_THREAD_MAX_TILES {
-            (
-                self.channels.div_ceil(WORKGROUP_SIZE),
-                flags | FLAG_THREAD_PER_CHANNEL,
-            )
-        } else {
-            (self.channels, flags)
-        };
-        Params {
-            tiles,
-            groups,
-            eps,
-            momentum,
-            flags,
-            ..self.base(self.outer)
-        }
+        per_channel(self.channels, tiles, tiles, 1, flags)
     }
 
     /// Parameters of an element-wise pass over one chunk.
-    fn elementwise(&self, chunk: &Chunk, flags: u32) -> Params {
+    pub fn elementwise(&self, chunk: &Chunk, flags: u32) -> Params {
         let wg = WORKGROUP_SIZE;
-        let base = self.base(chunk.rows);
+        let base = Params {
+            base: chunk.base,
+            ..self.base(chunk.rows)
+        };
         match self.mapping {
             Mapping::Runs { inner } => {
                 let tile_len = wg * APPLY_UNITS_PER_THREAD;
@@ -294,11 +317,11 @@ impl Plan {
         }
     }
 
-    /// The kernel of this plan's mapping, in its vec4 or scalar variant.
-    fn pick<'k>(&self, runs: &'k Variants, columns: &'k Variants) -> &'k Kernel {
+    /// The family of this plan's mapping: `runs` for long runs, `columns` for short ones.
+    pub fn pick(&self, runs: Family, columns: Family) -> Family {
         match self.mapping {
-            Mapping::Runs { .. } => runs.get(self.vec4),
-            Mapping::Columns { .. } => columns.get(self.vec4),
+            Mapping::Runs { .. } => runs,
+            Mapping::Columns { .. } => columns,
         }
     }
 
@@ -308,172 +331,31 @@ impl Plan {
     }
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a.max(1)
+/// Parameters of a per-channel finalize pass merging `tiles` summaries per channel, summary
+/// t of channel c at `c·cstride + t·tstride`: one invocation per channel for few summaries,
+/// a workgroup per channel (tree merge) for many.
+pub(crate) fn per_channel(
+    channels: u32,
+    tiles: u32,
+    cstride: u32,
+    tstride: u32,
+    flags: u32,
+) -> Params {
+    let (groups, flags) = if tiles <= FINALIZE_THREAD_MAX_TILES {
+        (
+            channels.div_ceil(WORKGROUP_SIZE),
+            flags | FLAG_THREAD_PER_CHANNEL,
+        )
     } else {
-        gcd(b, a % b)
+        (channels, flags)
+    };
+    Params {
+        channels,
+        tiles,
+        groups,
+        flags,
+        part_cstride: cstride,
+        part_tstride: tstride,
+        ..Params::default()
     }
-}
-
-/// The chunk's slice of a tensor-sized buffer.
-fn part<'a>(buffer: &'a wgpu::Buffer, chunk: &Chunk) -> Bind<'a> {
-    Bind {
-        buffer,
-        range: chunk.range,
-    }
-}
-
-/// Buffers of one forward.
-pub(crate) struct ForwardBuffers<'a> {
-    pub x: &'a wgpu::Buffer,
-    pub state: &'a wgpu::Buffer,
-    pub partials: &'a wgpu::Buffer,
-    pub saved: &'a wgpu::Buffer,
-    /// None: statistics only (the frozen statistics of an inference backward).
-    pub y: Option<&'a wgpu::Buffer>,
-}
-
-/// Encodes and submits a forward. `batch_stats`: compute statistics from x (and update the
-/// running ones when `momentum` is given); otherwise normalize with the running statistics.
-pub(crate) fn forward(
-    g: &GpuContext,
-    plan: &Plan,
-    b: &ForwardBuffers<'_>,
-    batch_stats: bool,
-    momentum: Option<f32>,
-    eps: f32,
-) -> Result<()> {
-    let k = &g.kernels;
-    let chunks = plan.chunk_list();
-    let mut launches = Vec::with_capacity(2 * chunks.len() + 1);
-    if batch_stats {
-        for chunk in &chunks {
-            launches.push(Launch {
-                kernel: plan.pick(&k.stats_partials, &k.stats_partials_cols),
-                params: plan.reduce(chunk),
-                buffers: vec![part(b.x, chunk), b.partials.into()],
-            });
-        }
-        let flags = if momentum.is_some() {
-            FLAG_UPDATE_RUNNING
-        } else {
-            0
-        };
-        launches.push(Launch {
-            kernel: &k.stats_finalize,
-            params: plan.finalize(true, eps, momentum.unwrap_or(0.0), flags),
-            buffers: vec![b.partials.into(), b.state.into(), b.saved.into()],
-        });
-    } else {
-        let mut params = plan.finalize(false, eps, 0.0, 0);
-        params.groups = plan.channels.div_ceil(WORKGROUP_SIZE);
-        launches.push(Launch {
-            kernel: &k.stats_running,
-            params,
-            buffers: vec![b.state.into(), b.saved.into()],
-        });
-    }
-    if let Some(y) = b.y {
-        for chunk in &chunks {
-            launches.push(Launch {
-                kernel: plan.pick(&k.apply, &k.apply_cols),
-                params: plan.elementwise(chunk, 0),
-                buffers: vec![
-                    part(b.x, chunk),
-                    b.saved.into(),
-                    b.state.into(),
-                    part(y, chunk),
-                ],
-            });
-        }
-    }
-    run(g, &launches)
-}
-
-/// Buffers of one backward.
-pub(crate) struct BackwardBuffers<'a> {
-    pub x: &'a wgpu::Buffer,
-    pub dy: &'a wgpu::Buffer,
-    pub saved: &'a wgpu::Buffer,
-    pub state: &'a wgpu::Buffer,
-    pub partials: &'a wgpu::Buffer,
-    pub dweight: &'a wgpu::Buffer,
-    pub dbias: &'a wgpu::Buffer,
-    pub coef: &'a wgpu::Buffer,
-    pub dx: Option<&'a wgpu::Buffer>,
-}
-
-/// Encodes and submits a backward. The reduction runs only when `reduce` (dγ/dβ wanted, or
-/// the training dx, which needs the sums); the dx pass only when `b.dx` is given.
-pub(crate) fn backward(
-    g: &GpuContext,
-    plan: &Plan,
-    b: &BackwardBuffers<'_>,
-    training: bool,
-    reduce: bool,
-) -> Result<()> {
-    let k = &g.kernels;
-    let flags = if training { FLAG_TRAINING } else { 0 };
-    let chunks = plan.chunk_list();
-    let mut launches = Vec::with_capacity(2 * chunks.len() + 1);
-    if reduce {
-        for chunk in &chunks {
-            launches.push(Launch {
-                kernel: plan.pick(&k.bwd_partials, &k.bwd_partials_cols),
-                params: plan.reduce(chunk),
-                buffers: vec![
-                    part(b.x, chunk),
-                    part(b.dy, chunk),
-                    b.saved.into(),
-                    b.partials.into(),
-                ],
-            });
-        }
-    }
-    launches.push(Launch {
-        kernel: &k.bwd_finalize,
-        params: plan.finalize(reduce, 0.0, 0.0, flags),
-        buffers: [b.partials, b.saved, b.state, b.dweight, b.dbias, b.coef]
-            .map(Bind::from)
-            .to_vec(),
-    });
-    if let Some(dx) = b.dx {
-        for chunk in &chunks {
-            launches.push(Launch {
-                kernel: plan.pick(&k.bwd_dx, &k.bwd_dx_cols),
-                params: plan.elementwise(chunk, flags),
-                buffers: vec![
-                    part(b.x, chunk),
-                    part(b.dy, chunk),
-                    b.coef.into(),
-                    part(dx, chunk),
-                ],
-            });
-        }
-    }
-    run(g, &launches)
-}
-
-fn run(g: &GpuContext, launches: &[Launch<'_>]) -> Result<()> {
-    g.guarded(|| {
-        let mut encoder = g
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batchnorm"),
-            });
-        let stamps = g.timer.as_ref().and_then(|t| t.begin(&g.device));
-        encode(
-            &g.device,
-            &g.queue,
-            &mut encoder,
-            g.limits.max_compute_workgroups_per_dimension,
-            launches,
-            stamps.as_ref().map(|s| &s.query_set),
-        );
-        if let (Some(timer), Some(stamps)) = (&g.timer, stamps) {
-            timer.end(&mut encoder, stamps);
-        }
-        g.queue.submit(Some(encoder.finish()));
-    })
 }

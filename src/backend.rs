@@ -1,0 +1,154 @@
+//! The seam between the op layer and the two backends. [`crate::ops`] validates every input
+//! and then calls one method per kernel family of a [`Backend`]: the CPU path
+//! ([`crate::cpu::backend`]) and the wgpu path ([`crate::gpu::backend`]) implement it, each
+//! with its arithmetic next to its kernels. Nothing above the op layer knows which backend
+//! runs.
+//!
+//! The GPU records an operation's dispatches into a [`Batch`] and submits them together
+//! (one submission per public op, as before the seam); the CPU runs each method at once
+//! and leaves the batch empty.
+
+use crate::context::{Data, Tensor};
+use crate::error::Result;
+use crate::gpu::kernels::Launch;
+use crate::gpu::pool::GpuBuffer;
+
+/// Per-channel pairs in a backend's own form: the summaries of [`Moments`](crate::Moments)
+/// (GPU: (n, k, mean − k, var) as f32 vec4; CPU: (mean, M2) in f64) or the sums of
+/// [`GradSums`](crate::GradSums) (GPU: (Σ dy, Σ dy·(x − μ), 0, 0) as f32 vec4; CPU: f64).
+#[derive(Clone)]
+pub(crate) enum Summaries {
+    Gpu(std::sync::Arc<GpuBuffer>),
+    Cpu(std::sync::Arc<Vec<[f64; 2]>>),
+}
+
+/// Running statistics to update in place (the public [`RunningStats`](crate::ops::RunningStats)).
+pub(crate) use crate::ops::RunningStats as Running;
+
+/// What a backward reduction returns: the per-channel sums and, when asked, dγ and dβ.
+pub(crate) struct Reduced {
+    pub sums: Summaries,
+    pub dweight: Option<Data>,
+    pub dbias: Option<Data>,
+}
+
+/// One step of a GPU batch, in order.
+pub(crate) enum Step {
+    Launch(Launch),
+    /// Copy `bytes` bytes from the start of `src` to `dst` at `dst_offset`.
+    Copy {
+        src: wgpu::Buffer,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        bytes: u64,
+    },
+}
+
+/// An operation's GPU work, submitted at once by [`Backend::submit`]. Scratch buffers live
+/// here until the work is submitted.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub steps: Vec<Step>,
+    pub keep: Vec<GpuBuffer>,
+}
+
+/// One method per kernel family. Inputs are validated by the caller: shapes agree, every
+/// tensor belongs to this backend's context, per-channel tensors have C values.
+pub(crate) trait Backend: Send + Sync {
+    /// Per-channel summaries of x (statistics partials, merged per channel).
+    fn moments(&self, batch: &mut Batch, x: &Tensor) -> Result<Summaries>;
+
+    /// Merges parts' summaries (with their counts) in the given order, then saves
+    /// (mean, invstd) and updates the running statistics with the unbiased variance of
+    /// the merged count. An empty total saves zeros and updates nothing.
+    fn gather(
+        &self,
+        batch: &mut Batch,
+        parts: &[(&Summaries, u64)],
+        channels: usize,
+        eps: f32,
+        running: Option<Running<'_>>,
+    ) -> Result<Data>;
+
+    /// [`moments`](Self::moments) of x and [`gather`](Self::gather) of that one part, fused
+    /// (the statistics partials and one finalize pass).
+    fn batch_stats(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        eps: f32,
+        running: Option<Running<'_>>,
+    ) -> Result<Data>;
+
+    /// The inference statistics (running_mean, 1/sqrt(running_var + eps)) as saved stats.
+    fn running_stats(
+        &self,
+        batch: &mut Batch,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f32,
+    ) -> Result<Data>;
+
+    /// y = (x − mean)·γ·invstd + β (γ = 1, β = 0 where absent).
+    fn elemt(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        saved: &Data,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<Data>;
+
+    /// (Σ dy, Σ dy·(x − μ)) per channel, and dγ, dβ when asked.
+    fn backward_reduce(
+        &self,
+        batch: &mut Batch,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &Data,
+        dweight: bool,
+        dbias: bool,
+    ) -> Result<Reduced>;
+
+    /// dx from the sums of the whole batch (`sums`, over `count` values per channel), or,
+    /// without sums, the inference dx = dy·γ·invstd.
+    fn backward_elemt(
+        &self,
+        batch: &mut Batch,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &Data,
+        weight: Option<&Tensor>,
+        sums: Option<(&Summaries, u64)>,
+    ) -> Result<Data>;
+
+    /// A whole backward over one batch: reduction (when `reduce`), dγ/dβ as asked, and dx
+    /// when `dx` (training formula when `training`), fused where the backend can.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        batch: &mut Batch,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &Data,
+        weight: Option<&Tensor>,
+        training: bool,
+        want: (bool, bool, bool),
+    ) -> Result<(Option<Data>, Option<Data>, Option<Data>)>;
+
+    /// Submits the batch's work.
+    fn submit(&self, batch: Batch) -> Result<()>;
+
+    /// Summaries to the host: per channel (a, b) in f64 — (mean, M2) for moments of
+    /// `count` values, or the two sums. `moments` says which form the device holds.
+    fn download_summaries(
+        &self,
+        s: &Summaries,
+        channels: usize,
+        count: u64,
+        moments: bool,
+    ) -> Result<Vec<[f64; 2]>>;
+
+    /// The inverse of [`download_summaries`](Self::download_summaries).
+    fn upload_summaries(&self, pairs: &[[f64; 2]], count: u64, moments: bool) -> Result<Summaries>;
+}

@@ -1,0 +1,612 @@
+//! The [`Backend`] on wgpu: each kernel family's launches, recorded into a [`Batch`] and
+//! submitted together. Launch sequences:
+//! - training statistics: stats_partials (per chunk) → stats_finalize (saved, running update);
+//!   [`moments`](Backend::moments) stops at the merged summaries, and
+//!   [`gather`](Backend::gather) merges several parts' summaries with the same finalize;
+//! - inference statistics: stats_running;
+//! - normalize: apply (per chunk);
+//! - backward: bwd_partials (per chunk) → bwd_finalize (dγ, dβ, and the dx coefficients or
+//!   the sums) → bwd_dx (per chunk).
+//!
+//! A layer's training forward is therefore 3 launches (x read twice, y written once) and its
+//! backward 3 (x and dy read twice, dx written once), in one submission each.
+
+use std::sync::Arc;
+
+use super::context::GpuContext;
+use super::kernels::{
+    encode, Bind, Family, Launch, Params, FLAG_BIAS, FLAG_DBIAS, FLAG_DWEIGHT, FLAG_MOMENTS,
+    FLAG_SAVED, FLAG_SUMS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, FLAG_WEIGHT, WORKGROUP_SIZE,
+};
+use super::plan::{per_channel, Plan};
+use super::pool::GpuBuffer;
+use crate::backend::{Backend, Batch, Reduced, Running, Step, Summaries};
+use crate::context::{Data, Tensor};
+use crate::error::Result;
+
+fn buffer(t: &Tensor) -> &wgpu::Buffer {
+    data_buffer(&t.data)
+}
+
+fn data_buffer(d: &Data) -> &wgpu::Buffer {
+    match d {
+        Data::Gpu(b) => b,
+        Data::Cpu(_) => unreachable!("the op layer checks contexts: host data on a GPU backend"),
+    }
+}
+
+fn summaries(s: &Summaries) -> &wgpu::Buffer {
+    match s {
+        Summaries::Gpu(b) => b,
+        Summaries::Cpu(_) => unreachable!("the op layer checks contexts"),
+    }
+}
+
+fn gpu(b: GpuBuffer) -> Data {
+    Data::Gpu(Arc::new(b))
+}
+
+impl GpuContext {
+    fn launch(
+        &self,
+        batch: &mut Batch,
+        family: Family,
+        vec4: bool,
+        params: Params,
+        buffers: Vec<Bind>,
+    ) {
+        batch.steps.push(Step::Launch(Launch {
+            family,
+            vec4,
+            params,
+            buffers,
+        }));
+    }
+
+    /// The buffer of an optional per-channel input (γ, β), or the read dummy.
+    fn or_dummy(&self, t: Option<&Tensor>) -> Bind {
+        t.map_or(&self.dummy_read, buffer).into()
+    }
+
+    /// The buffer of a running statistic, to be written in place: a tensor whose storage
+    /// is shared with a clone is first copied to fresh storage (copy-on-write).
+    fn writable(&self, batch: &mut Batch, t: &mut Tensor) -> Result<wgpu::Buffer> {
+        let Data::Gpu(b) = &t.data else {
+            unreachable!("the op layer checks contexts")
+        };
+        if Arc::strong_count(b) == 1 {
+            return Ok((**b).clone());
+        }
+        let len = t.numel();
+        let fresh = self.guarded(|| self.alloc(len, "running statistics"))?;
+        batch.steps.push(Step::Copy {
+            src: (**b).clone(),
+            dst: (*fresh).clone(),
+            dst_offset: 0,
+            bytes: (len * 4) as u64,
+        });
+        let out = (*fresh).clone();
+        t.data = gpu(fresh);
+        Ok(out)
+    }
+
+    /// Binds for the running statistics and the flags and parameters of their update.
+    fn running_binds(
+        &self,
+        batch: &mut Batch,
+        running: Option<Running<'_>>,
+        count: u64,
+        params: &mut Params,
+    ) -> Result<[Bind; 2]> {
+        match running {
+            Some(r) if count > 0 => {
+                params.flags |= FLAG_UPDATE_RUNNING;
+                params.momentum = r.momentum;
+                params.bessel = (count as f64 / (count as f64 - 1.0)) as f32;
+                Ok([
+                    (&self.writable(batch, r.mean)?).into(),
+                    (&self.writable(batch, r.var)?).into(),
+                ])
+            }
+            _ => Ok([(&self.dummy_write).into(), (&self.dummy_write).into()]),
+        }
+    }
+
+    /// Buffers for an operation's outputs and scratch, under an error scope.
+    fn buffers<const N: usize>(&self, lens: [usize; N]) -> Result<[GpuBuffer; N]> {
+        self.guarded(|| lens.map(|len| self.alloc(len, "batchnorm")))
+    }
+
+    /// The statistics partials of x into a scratch buffer kept by the batch; returns the
+    /// plan and the partials, or None for an empty tensor.
+    fn stats_partials(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+    ) -> Result<Option<(Plan, wgpu::Buffer)>> {
+        let plan = self.plan(x.shape().view())?;
+        if plan.is_empty() {
+            return Ok(None);
+        }
+        let [partials] = self.buffers([plan.partials_len()])?;
+        let family = plan.pick(Family::StatsPartials, Family::StatsPartialsCols);
+        for chunk in plan.chunk_list() {
+            let binds = vec![plan.part(buffer(x), &chunk), (&*partials).into()];
+            self.launch(batch, family, plan.vec4, plan.reduce(&chunk), binds);
+        }
+        let out = (*partials).clone();
+        batch.keep.push(partials);
+        Ok(Some((plan, out)))
+    }
+
+    /// The backward partials of (x, dy) into a scratch buffer kept by the batch.
+    fn bwd_partials(
+        &self,
+        batch: &mut Batch,
+        plan: &Plan,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &Data,
+    ) -> Result<wgpu::Buffer> {
+        let [partials] = self.buffers([plan.partials_len()])?;
+        let family = plan.pick(Family::BwdPartials, Family::BwdPartialsCols);
+        for chunk in plan.chunk_list() {
+            let binds = vec![
+                plan.part(buffer(x), &chunk),
+                plan.part(buffer(dy), &chunk),
+                data_buffer(saved).into(),
+                (&*partials).into(),
+            ];
+            self.launch(batch, family, plan.vec4, plan.reduce(&chunk), binds);
+        }
+        let out = (*partials).clone();
+        batch.keep.push(partials);
+        Ok(out)
+    }
+
+    /// The dx passes with the coefficients in `coef`.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_dx(
+        &self,
+        batch: &mut Batch,
+        plan: &Plan,
+        dy: &Tensor,
+        x: &Tensor,
+        coef: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+        training: bool,
+    ) {
+        let flags = if training { FLAG_TRAINING } else { 0 };
+        let family = plan.pick(Family::BwdDx, Family::BwdDxCols);
+        for chunk in plan.chunk_list() {
+            let binds = vec![
+                plan.part(buffer(x), &chunk),
+                plan.part(buffer(dy), &chunk),
+                coef.into(),
+                plan.part(dx, &chunk),
+            ];
+            self.launch(
+                batch,
+                family,
+                plan.vec4,
+                plan.elementwise(&chunk, flags),
+                binds,
+            );
+        }
+    }
+}
+
+impl Backend for GpuContext {
+    fn moments(&self, batch: &mut Batch, x: &Tensor) -> Result<Summaries> {
+        let c = x.shape().channels();
+        let [out] = self.buffers([4 * c])?;
+        match self.stats_partials(batch, x)? {
+            None => self.fill_zero(&out, 4 * c),
+            Some((plan, partials)) => {
+                let params = plan.finalize(true, FLAG_MOMENTS);
+                let w = &self.dummy_write;
+                let binds = vec![
+                    (&partials).into(),
+                    w.into(),
+                    w.into(),
+                    w.into(),
+                    (&*out).into(),
+                ];
+                self.launch(batch, Family::StatsFinalize, false, params, binds);
+            }
+        }
+        Ok(Summaries::Gpu(Arc::new(out)))
+    }
+
+    fn gather(
+        &self,
+        batch: &mut Batch,
+        parts: &[(&Summaries, u64)],
+        channels: usize,
+        eps: f32,
+        running: Option<Running<'_>>,
+    ) -> Result<Data> {
+        let total: u64 = parts.iter().map(|p| p.1).sum();
+        let c = channels as u32;
+        let [saved] = self.buffers([2 * channels])?;
+        // The parts side by side, part-major (a single part is bound as it is).
+        let merged = if let [(only, _)] = parts {
+            summaries(only).clone()
+        } else {
+            let [scratch] = self.buffers([4 * channels * parts.len()])?;
+            let bytes = (16 * channels) as u64;
+            for (i, (s, _)) in parts.iter().enumerate() {
+                batch.steps.push(Step::Copy {
+                    src: summaries(s).clone(),
+                    dst: (*scratch).clone(),
+                    dst_offset: i as u64 * bytes,
+                    bytes,
+                });
+            }
+            let b = (*scratch).clone();
+            batch.keep.push(scratch);
+            b
+        };
+        let mut params = per_channel(c, parts.len() as u32, 1, c, FLAG_SAVED);
+        params.eps = eps;
+        let [rm, rv] = self.running_binds(batch, running, total, &mut params)?;
+        let binds = vec![
+            (&merged).into(),
+            rm,
+            rv,
+            (&*saved).into(),
+            (&self.dummy_write).into(),
+        ];
+        self.launch(batch, Family::StatsFinalize, false, params, binds);
+        Ok(gpu(saved))
+    }
+
+    fn batch_stats(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        eps: f32,
+        running: Option<Running<'_>>,
+    ) -> Result<Data> {
+        let c = x.shape().channels();
+        let [saved] = self.buffers([2 * c])?;
+        match self.stats_partials(batch, x)? {
+            // Nothing to launch; pooled buffers hold old data, so say zeros.
+            None => self.fill_zero(&saved, 2 * c),
+            Some((plan, partials)) => {
+                let mut params = plan.finalize(true, FLAG_SAVED);
+                params.eps = eps;
+                let count = x.shape().view().per_channel() as u64;
+                let [rm, rv] = self.running_binds(batch, running, count, &mut params)?;
+                let binds = vec![
+                    (&partials).into(),
+                    rm,
+                    rv,
+                    (&*saved).into(),
+                    (&self.dummy_write).into(),
+                ];
+                self.launch(batch, Family::StatsFinalize, false, params, binds);
+            }
+        }
+        Ok(gpu(saved))
+    }
+
+    fn running_stats(
+        &self,
+        batch: &mut Batch,
+        mean: &Tensor,
+        var: &Tensor,
+        eps: f32,
+    ) -> Result<Data> {
+        let c = mean.numel();
+        let [saved] = self.buffers([2 * c])?;
+        let params = Params {
+            channels: c as u32,
+            groups: (c as u32).div_ceil(WORKGROUP_SIZE),
+            eps,
+            ..Params::default()
+        };
+        let binds = vec![buffer(mean).into(), buffer(var).into(), (&*saved).into()];
+        self.launch(batch, Family::StatsRunning, false, params, binds);
+        Ok(gpu(saved))
+    }
+
+    fn elemt(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        saved: &Data,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<Data> {
+        let plan = self.plan(x.shape().view())?;
+        let [y] = self.buffers([x.numel()])?;
+        if plan.is_empty() {
+            return Ok(gpu(y));
+        }
+        let mut flags = 0;
+        if weight.is_some() {
+            flags |= FLAG_WEIGHT;
+        }
+        if bias.is_some() {
+            flags |= FLAG_BIAS;
+        }
+        let family = plan.pick(Family::Apply, Family::ApplyCols);
+        for chunk in plan.chunk_list() {
+            let binds = vec![
+                plan.part(buffer(x), &chunk),
+                data_buffer(saved).into(),
+                self.or_dummy(weight),
+                self.or_dummy(bias),
+                plan.part(&y, &chunk),
+            ];
+            self.launch(
+                batch,
+                family,
+                plan.vec4,
+                plan.elementwise(&chunk, flags),
+                binds,
+            );
+        }
+        Ok(gpu(y))
+    }
+
+    fn backward_reduce(
+        &self,
+        batch: &mut Batch,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &Data,
+        dweight: bool,
+        dbias: bool,
+    ) -> Result<Reduced> {
+        let c = x.shape().channels();
+        let plan = self.plan(x.shape().view())?;
+        let [sums, dw, db] = self.buffers([4 * c, c, c])?;
+        if plan.is_empty() {
+            // An empty batch has zero sums and gradients; pooled buffers hold old data.
+            self.fill_zero(&sums, 4 * c);
+            self.fill_zero(&dw, c);
+            self.fill_zero(&db, c);
+        } else {
+            let partials = self.bwd_partials(batch, &plan, dy, x, saved)?;
+            let mut flags = FLAG_SUMS;
+            if dweight {
+                flags |= FLAG_DWEIGHT;
+            }
+            if dbias {
+                flags |= FLAG_DBIAS;
+            }
+            let binds = vec![
+                (&partials).into(),
+                data_buffer(saved).into(),
+                (&self.dummy_read).into(),
+                (&*dw).into(),
+                (&*db).into(),
+                (&*sums).into(),
+            ];
+            self.launch(
+                batch,
+                Family::BwdFinalize,
+                false,
+                plan.finalize(true, flags),
+                binds,
+            );
+        }
+        Ok(Reduced {
+            sums: Summaries::Gpu(Arc::new(sums)),
+            dweight: dweight.then(|| gpu(dw)),
+            dbias: dbias.then(|| gpu(db)),
+        })
+    }
+
+    fn backward_elemt(
+        &self,
+        batch: &mut Batch,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &Data,
+        weight: Option<&Tensor>,
+        sums: Option<(&Summaries, u64)>,
+    ) -> Result<Data> {
+        let c = x.shape().channels();
+        let plan = self.plan(x.shape().view())?;
+        let [dx, coef] = self.buffers([x.numel(), 4 * c])?;
+        if plan.is_empty() {
+            return Ok(gpu(dx));
+        }
+        let weight_flag = if weight.is_some() { FLAG_WEIGHT } else { 0 };
+        let (mut params, source) = match sums {
+            Some((s, n)) => {
+                let mut p = per_channel(c as u32, 1, 1, 0, FLAG_TRAINING | weight_flag);
+                p.inv_count = (1.0 / n as f64) as f32;
+                (p, summaries(s).clone())
+            }
+            None => (
+                per_channel(c as u32, 0, 1, 0, weight_flag),
+                self.dummy_read.clone(),
+            ),
+        };
+        params.channels = c as u32;
+        let w = &self.dummy_write;
+        let binds = vec![
+            (&source).into(),
+            data_buffer(saved).into(),
+            self.or_dummy(weight),
+            w.into(),
+            w.into(),
+            (&*coef).into(),
+        ];
+        self.launch(batch, Family::BwdFinalize, false, params, binds);
+        self.bwd_dx(batch, &plan, dy, x, &coef, &dx, sums.is_some());
+        batch.keep.push(coef);
+        Ok(gpu(dx))
+    }
+
+    fn backward(
+        &self,
+        batch: &mut Batch,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &Data,
+        weight: Option<&Tensor>,
+        training: bool,
+        (want_dx, want_dw, want_db): (bool, bool, bool),
+    ) -> Result<(Option<Data>, Option<Data>, Option<Data>)> {
+        let c = x.shape().channels();
+        let plan = self.plan(x.shape().view())?;
+        let [dx, dw, db, coef] =
+            self.buffers([if want_dx { x.numel() } else { 0 }, c, c, 4 * c])?;
+        let reduce = want_dw || want_db || (want_dx && training);
+        if plan.is_empty() {
+            // An empty batch has zero gradients; pooled buffers hold old data.
+            self.fill_zero(&dw, c);
+            self.fill_zero(&db, c);
+        } else if reduce || want_dx {
+            let partials = if reduce {
+                self.bwd_partials(batch, &plan, dy, x, saved)?
+            } else {
+                self.dummy_read.clone()
+            };
+            let mut flags = 0;
+            if training {
+                flags |= FLAG_TRAINING;
+            }
+            if weight.is_some() {
+                flags |= FLAG_WEIGHT;
+            }
+            if want_dw {
+                flags |= FLAG_DWEIGHT;
+            }
+            if want_db {
+                flags |= FLAG_DBIAS;
+            }
+            let mut params = plan.finalize(reduce, flags);
+            params.inv_count = (1.0 / x.shape().view().per_channel() as f64) as f32;
+            let binds = vec![
+                (&partials).into(),
+                data_buffer(saved).into(),
+                self.or_dummy(weight),
+                (&*dw).into(),
+                (&*db).into(),
+                (&*coef).into(),
+            ];
+            self.launch(batch, Family::BwdFinalize, false, params, binds);
+            if want_dx {
+                self.bwd_dx(batch, &plan, dy, x, &coef, &dx, training);
+            }
+        }
+        batch.keep.push(coef);
+        Ok((
+            want_dx.then(|| gpu(dx)),
+            want_dw.then(|| gpu(dw)),
+            want_db.then(|| gpu(db)),
+        ))
+    }
+
+    fn submit(&self, batch: Batch) -> Result<()> {
+        if batch.steps.is_empty() {
+            return Ok(());
+        }
+        self.guarded(|| {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("batchnorm"),
+                });
+            // Kernel timing covers the last compute pass (the copies of a gather come first).
+            let mut stamps = self.timer.as_ref().and_then(|t| t.begin(&self.device));
+            let max_dim = self.limits.max_compute_workgroups_per_dimension;
+            let mut launches = Vec::new();
+            let mut steps = batch.steps.into_iter().peekable();
+            while let Some(step) = steps.next() {
+                match step {
+                    Step::Copy {
+                        src,
+                        dst,
+                        dst_offset,
+                        bytes,
+                    } => encoder.copy_buffer_to_buffer(&src, 0, &dst, dst_offset, bytes),
+                    Step::Launch(l) => {
+                        launches.push(l);
+                        if !matches!(steps.peek(), Some(Step::Launch(_))) {
+                            let last = steps.peek().is_none();
+                            let ts = if last {
+                                stamps.as_ref().map(|s| &s.query_set)
+                            } else {
+                                None
+                            };
+                            encode(
+                                &self.device,
+                                &self.queue,
+                                &self.kernels,
+                                &mut encoder,
+                                max_dim,
+                                &launches,
+                                ts,
+                            );
+                            launches.clear();
+                        }
+                    }
+                }
+            }
+            if let (Some(timer), Some(s)) = (&self.timer, stamps.take()) {
+                timer.end(&mut encoder, s);
+            }
+            self.queue.submit(Some(encoder.finish()));
+            drop(batch.keep);
+        })
+    }
+
+    fn download_summaries(
+        &self,
+        s: &Summaries,
+        channels: usize,
+        count: u64,
+        moments: bool,
+    ) -> Result<Vec<[f64; 2]>> {
+        let raw = self.read(summaries(s), 4 * channels)?;
+        Ok(raw
+            .chunks(4)
+            .map(|v| {
+                if moments {
+                    let mean = v[1] as f64 + v[2] as f64;
+                    if count == 0 {
+                        [0.0, 0.0]
+                    } else {
+                        [mean, v[3] as f64 * count as f64]
+                    }
+                } else {
+                    [v[0] as f64, v[1] as f64]
+                }
+            })
+            .collect())
+    }
+
+    fn upload_summaries(&self, pairs: &[[f64; 2]], count: u64, moments: bool) -> Result<Summaries> {
+        let raw: Vec<f32> = pairs
+            .iter()
+            .flat_map(|&[a, b]| {
+                if !moments {
+                    [a as f32, b as f32, 0.0, 0.0]
+                } else if count == 0 {
+                    [0.0; 4]
+                } else {
+                    // The mean as a shift plus the f32 residual keeps its f64 precision.
+                    let k = if (a as f32).is_finite() {
+                        a as f32
+                    } else {
+                        0.0
+                    };
+                    [
+                        count as f32,
+                        k,
+                        (a - k as f64) as f32,
+                        (b / count as f64) as f32,
+                    ]
+                }
+            })
+            .collect();
+        Ok(Summaries::Gpu(Arc::new(self.upload(&raw, "summaries")?)))
+    }
+}
