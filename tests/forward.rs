@@ -833,3 +833,98 @@ fn to_vec_async_matches_to_vec() {
         );
     });
 }
+
+/// |x| around 1e19: σ² fits in f32 but n·σ² and the sums of squared differences do not.
+/// The summaries keep the variance (not M2) and the partial kernels sum scaled squares
+/// where the plain ones overflow, so the statistics are finite and right (PyTorch's CPU
+/// kernel is; our GPU kernels returned NaN and the CPU path invstd = 0 before). Both kernel
+/// mappings (spatial 16: runs; rank 2: columns) and a tile boundary.
+#[test]
+fn huge_values_1e19_keep_finite_statistics() {
+    on_every_backend("huge_values_1e19_keep_finite_statistics", |ctx| {
+        for (dims, mean) in [
+            (vec![8usize, 3, 16, 16], 0.0),
+            (vec![2000, 5], 1e19),
+            (vec![4, 2, 33, 31], 1e19),
+            (vec![4, 2, 1024], -1e19),
+        ] {
+            let shape = Shape::new(&dims).unwrap();
+            // std 1e18: single squared differences reach 1e38 and their sums overflow, while
+            // every partial's variance (≲ (9e18)²) fits. (A part whose own variance exceeds
+            // f32's range, 3.4e38, still overflows: its variance is not representable.)
+            let x = normal(shape.numel(), 95, mean, 1e18);
+            let (mut bn, mut reference) = layer_pair(ctx, BatchNormConfig::new(dims[1]), 95);
+            let out = bn
+                .forward_train(&ctx.tensor_from_slice(&x, &dims).unwrap())
+                .unwrap();
+            let want = reference.forward_train(&x, &shape).unwrap();
+            let what = |s: &str| format!("{s} {dims:?} on {}", ctx.name());
+            // Relative to the spread: the same relative accuracy as O(1) data.
+            assert_close(
+                &what("mean"),
+                &out.saved.mean().unwrap(),
+                &want.mean,
+                1e14,
+                1e-5,
+            );
+            assert_close(
+                &what("invstd"),
+                &out.saved.invstd().unwrap(),
+                &want.invstd,
+                0.0,
+                1e-5,
+            );
+            let rv = bn.running_var().unwrap().unwrap();
+            assert!(
+                rv.iter().all(|v| v.is_finite()),
+                "{}: {rv:?}",
+                what("running_var")
+            );
+            assert_close(&what("running_var"), &rv, &reference.running_var, 0.0, 1e-5);
+            // y is O(1) again.
+            assert_close(&what("y"), &out.y.to_vec().unwrap(), &want.y, 1e-4, 1e-4);
+        }
+    });
+}
+
+/// A +Inf in a channel: its mean and running mean are +Inf and its variance NaN, as in
+/// PyTorch's CPU kernel (a sum); the other channels are untouched. With the +Inf as the
+/// channel's first value (the shift of the shifted sums) and elsewhere, in one tile and in
+/// several, in both kernel mappings.
+#[test]
+fn plus_inf_gives_plus_inf_mean_and_running_mean() {
+    on_every_backend("plus_inf_gives_plus_inf_mean_and_running_mean", |ctx| {
+        for dims in [&[4usize, 3, 4, 4][..], &[64, 3, 32, 32], &[3000, 3]] {
+            let shape = Shape::new(&dims).unwrap();
+            let s = shape.spatial();
+            let per_channel = dims[0] * s;
+            for at in [0, 1, (2 * s + 3) % per_channel, per_channel - 1] {
+                // Channel 1's k-th value (k = b·s + p) is at (b·3 + 1)·s + p; put +Inf at its
+                // `at`-th value and a second one further on.
+                let index = |k: usize| ((k / s) * 3 + 1) * s + k % s;
+                let mut x = data(shape.numel(), 96);
+                x[index(at)] = f32::INFINITY;
+                x[index((at + 7) % per_channel)] = f32::INFINITY;
+                let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(3)).unwrap();
+                let out = bn
+                    .forward_train(&ctx.tensor_from_slice(&x, &dims).unwrap())
+                    .unwrap();
+                let what = format!("{dims:?}, +Inf at {at}, on {}", ctx.name());
+                let mean = out.saved.mean().unwrap();
+                let rm = bn.running_mean().unwrap().unwrap();
+                let rv = bn.running_var().unwrap().unwrap();
+                assert!(
+                    mean[1] == f32::INFINITY && rm[1] == f32::INFINITY,
+                    "{what}: mean {mean:?}, running_mean {rm:?}"
+                );
+                assert!(rv[1].is_nan(), "{what}: running_var {rv:?}");
+                for c in [0, 2] {
+                    assert!(
+                        mean[c].is_finite() && rm[c].is_finite() && rv[c].is_finite(),
+                        "{what}: channel {c}: {mean:?} {rm:?} {rv:?}"
+                    );
+                }
+            }
+        }
+    });
+}

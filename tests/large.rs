@@ -109,6 +109,20 @@ fn chunked_channel_columns() {
 }
 
 #[test]
+fn chunked_odd_row_sizes() {
+    let _serial = serial();
+    // Rows whose size is not a multiple of 32 bytes, so that no whole number of rows that
+    // fits a binding starts at an aligned offset: each chunk is bound from the aligned
+    // offset before its first row. Rows of 420 B (scalar runs), 1716 B, 180 B, 144 B (vec4
+    // runs), and channels-last rows of 420 B (columns).
+    check_chunked(&[64, 3, 7, 5], Layout::ChannelsFirst, 8 << 10);
+    check_chunked(&[50, 3, 11, 13], Layout::ChannelsFirst, 4 << 10);
+    check_chunked(&[33, 5, 9], Layout::ChannelsFirst, 1 << 10);
+    check_chunked(&[40, 3, 12], Layout::ChannelsFirst, 2 << 10);
+    check_chunked(&[30, 7, 3, 5], Layout::ChannelsLast, 2 << 10);
+}
+
+#[test]
 fn chunked_long_runs_use_row_mapping() {
     let _serial = serial();
     // Spatial 32·64 = 2048 floats per run: the row-mapped element-wise kernels, 2 rows a chunk.
@@ -186,6 +200,14 @@ fn past_binding_limit(dims: &[usize]) {
 fn past_binding_limit_205_mb() {
     let _serial = serial();
     past_binding_limit(&[64, 256, 56, 56]);
+}
+
+#[test]
+fn past_binding_limit_216_mb_with_odd_rows() {
+    let _serial = serial();
+    // Rows of 3·1501·1501·4 = 27 036 012 bytes: not a multiple of 32, so no chunk of whole
+    // rows starts at an aligned offset.
+    past_binding_limit(&[8, 3, 1501, 1501]);
 }
 
 #[test]
