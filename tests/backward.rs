@@ -18,7 +18,7 @@
 
 mod common;
 
-use common::{assert_close, normal, on_every_backend, widen};
+use common::{assert_close, channel_of, normal, on_every_backend, ulp, widen};
 use wgpu_batchnorm::cpu::reference::{RefForward, RefGrads, ReferenceBatchNorm};
 use wgpu_batchnorm::{
     BatchNorm, BatchNormConfig, Context, GradMask, Gradients, Layout, SavedStats, Shape,
@@ -221,15 +221,6 @@ fn scales(x: &[f32], dy: &[f32], shape: &Shape, stats: &RefForward) -> Scales {
     s
 }
 
-/// The channel of the value at memory index `i`.
-fn channel_of(shape: &Shape, i: usize) -> usize {
-    let c = shape.channels();
-    match shape.layout() {
-        Layout::ChannelsFirst => (i / shape.spatial().max(1)) % c,
-        Layout::ChannelsLast => i % c,
-    }
-}
-
 /// The statistics a backend saved, as the oracle's backward takes them.
 fn as_ref_forward(saved: &SavedStats) -> RefForward {
     RefForward {
@@ -245,12 +236,6 @@ struct Inputs<'a> {
     x: &'a [f32],
     dy: &'a [f32],
     shape: &'a Shape,
-}
-
-/// One ulp of `v` as an f32.
-fn ulp(v: f64) -> f64 {
-    let bits = (v as f32).abs().to_bits();
-    (f32::from_bits(bits + 1) - f32::from_bits(bits)) as f64
 }
 
 /// Checks a backend's gradients against the oracle's `want`, computed with statistics

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{assert_close, normal, on_every_backend, widen};
+use common::{assert_close, channel_of, normal, on_every_backend, ulp, widen};
 use wgpu_batchnorm::cpu::reference::{batch_stats, RefForward, ReferenceBatchNorm};
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Layout, Shape};
 
@@ -48,21 +48,6 @@ fn layer_pair(
         reference.bias = widen(&b);
     }
     (bn, reference)
-}
-
-/// One ulp of `v` as an f32.
-fn ulp(v: f64) -> f64 {
-    let bits = (v as f32).abs().to_bits();
-    (f32::from_bits(bits + 1) - f32::from_bits(bits)) as f64
-}
-
-/// The channel of the value at memory index `i`.
-fn channel_of(shape: &Shape, i: usize) -> usize {
-    let c = shape.channels();
-    match shape.layout() {
-        Layout::ChannelsFirst => (i / shape.spatial().max(1)) % c,
-        Layout::ChannelsLast => i % c,
-    }
 }
 
 /// y against the oracle's, within Y_ATOL + Y_RTOL·|y| plus one ulp of the channel's mean
@@ -895,7 +880,7 @@ fn huge_values_1e19_keep_finite_statistics() {
 fn plus_inf_gives_plus_inf_mean_and_running_mean() {
     on_every_backend("plus_inf_gives_plus_inf_mean_and_running_mean", |ctx| {
         for dims in [&[4usize, 3, 4, 4][..], &[64, 3, 32, 32], &[3000, 3]] {
-            let shape = Shape::new(&dims).unwrap();
+            let shape = Shape::new(dims).unwrap();
             let s = shape.spatial();
             let per_channel = dims[0] * s;
             for at in [0, 1, (2 * s + 3) % per_channel, per_channel - 1] {
@@ -907,7 +892,7 @@ fn plus_inf_gives_plus_inf_mean_and_running_mean() {
                 x[index((at + 7) % per_channel)] = f32::INFINITY;
                 let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(3)).unwrap();
                 let out = bn
-                    .forward_train(&ctx.tensor_from_slice(&x, &dims).unwrap())
+                    .forward_train(&ctx.tensor_from_slice(&x, dims).unwrap())
                     .unwrap();
                 let what = format!("{dims:?}, +Inf at {at}, on {}", ctx.name());
                 let mean = out.saved.mean().unwrap();

@@ -9,6 +9,9 @@ use common::{assert_close, normal, on_every_backend, widen};
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
 use wgpu_batchnorm::{ops, BatchNorm, BatchNormConfig, BatchNormState, Error, Shape, Tensor};
 
+/// Whether an error is the expected one.
+type ErrorCheck = fn(&Error) -> bool;
+
 fn values(t: Option<&Tensor>) -> Vec<f32> {
     t.expect("the layer has this tensor").to_vec().unwrap()
 }
@@ -93,7 +96,7 @@ fn load_state_checks_everything_first_and_changes_nothing_on_error() {
         bn.load_state(&state(3, 40)).unwrap();
         let before = bn.state().unwrap();
         let good = state(3, 50);
-        let cases: Vec<(BatchNormState, fn(&Error) -> bool)> = vec![
+        let cases: Vec<(BatchNormState, ErrorCheck)> = vec![
             (
                 BatchNormState {
                     running_var: Some(vec![1.0; 4]),

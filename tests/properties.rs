@@ -23,7 +23,7 @@ use proptest::test_runner::FileFailurePersistence;
 use wgpu_batchnorm::cpu::reference::{RefForward, ReferenceBatchNorm};
 use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Error, Layout, Shape};
 
-use common::{assert_close, normal, on_every_backend, widen};
+use common::{assert_close, channel_of, normal, on_every_backend, ulp, widen};
 
 /// One random problem.
 #[derive(Debug, Clone)]
@@ -129,21 +129,6 @@ fn problem() -> impl Strategy<Value = Problem> {
                 }
             },
         )
-}
-
-/// One ulp of `v` as an f32.
-fn ulp(v: f64) -> f64 {
-    let bits = (v as f32).abs().to_bits();
-    (f32::from_bits(bits + 1) - f32::from_bits(bits)) as f64
-}
-
-/// The channel of the value at memory index `i`.
-fn channel_of(shape: &Shape, i: usize) -> usize {
-    let c = shape.channels();
-    match shape.layout() {
-        Layout::ChannelsFirst => (i / shape.spatial().max(1)) % c,
-        Layout::ChannelsLast => i % c,
-    }
 }
 
 /// A layer and its oracle in the same random state: γ, β, running statistics, counter.

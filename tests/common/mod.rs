@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use wgpu_batchnorm::Context;
+use wgpu_batchnorm::{Context, Layout, Shape};
 
 /// The CPU context and one context per GPU adapter, built once per test binary.
 pub fn backends() -> &'static [Context] {
@@ -188,4 +188,19 @@ pub fn to_channels_first(x: &[f32], dims: &[usize]) -> Vec<f32> {
         }
     }
     out
+}
+
+/// One ulp of `v` as an f32.
+pub fn ulp(v: f64) -> f64 {
+    let bits = (v as f32).abs().to_bits();
+    (f32::from_bits(bits + 1) - f32::from_bits(bits)) as f64
+}
+
+/// The channel of the value at memory index `i`.
+pub fn channel_of(shape: &Shape, i: usize) -> usize {
+    let c = shape.channels();
+    match shape.layout() {
+        Layout::ChannelsFirst => (i / shape.spatial().max(1)) % c,
+        Layout::ChannelsLast => i % c,
+    }
 }
