@@ -11,6 +11,7 @@
 use crate::context::{Data, Tensor};
 use crate::error::Result;
 use crate::gpu::kernels::Launch;
+use crate::gpu::context::Scope;
 use crate::gpu::pool::GpuBuffer;
 
 /// Per-channel pairs in a backend's own form: the summaries of [`Moments`](crate::Moments)
@@ -45,16 +46,22 @@ pub(crate) enum Step {
 }
 
 /// An operation's GPU work, submitted at once by [`Backend::submit`]. Scratch buffers live
-/// here until the work is submitted.
+/// here until the work is submitted; on a GPU, one error scope covers everything from
+/// [`Backend::begin`] to the submission (its allocations included).
 #[derive(Default)]
 pub(crate) struct Batch {
     pub steps: Vec<Step>,
     pub keep: Vec<GpuBuffer>,
+    pub scope: Option<Scope>,
 }
 
 /// One method per kernel family. Inputs are validated by the caller: shapes agree, every
 /// tensor belongs to this backend's context, per-channel tensors have C values.
 pub(crate) trait Backend: Send + Sync {
+    /// A batch for one operation (on a GPU: fails if the device is lost, and opens the
+    /// operation's error scope).
+    fn begin(&self) -> Result<Batch>;
+
     /// Per-channel summaries of x (statistics partials, merged per channel).
     fn moments(&self, batch: &mut Batch, x: &Tensor) -> Result<Summaries>;
 

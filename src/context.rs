@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::context::{candidate_adapters, ContextOptions, GpuContext};
+use crate::gpu::context::{candidate_adapters, ContextOptions, DeviceTuning, GpuContext};
 use crate::gpu::pool::GpuBuffer;
 use crate::shape::{Layout, Shape};
 
@@ -66,6 +66,16 @@ impl Context {
             .collect()
     }
 
+    /// [`all_gpus_with`](Self::all_gpus_with) with performance knobs or emulated limits
+    /// (e.g. the discrete-GPU work partitioning on a software adapter).
+    pub fn all_gpus_tuned(options: ContextOptions, tuning: DeviceTuning) -> Vec<Result<Self>> {
+        let (adapters, _, _) = candidate_adapters();
+        adapters
+            .iter()
+            .map(|a| Self::from_adapter_tuned(a, options, tuning))
+            .collect()
+    }
+
     /// A context on a specific adapter.
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         Self::from_adapter_with(adapter, ContextOptions::default())
@@ -73,8 +83,17 @@ impl Context {
 
     /// A context on a specific adapter, with options.
     pub fn from_adapter_with(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Self> {
+        Self::from_adapter_tuned(adapter, options, DeviceTuning::default())
+    }
+
+    /// A context on a specific adapter, with options and tuning.
+    pub fn from_adapter_tuned(
+        adapter: &wgpu::Adapter,
+        options: ContextOptions,
+        tuning: DeviceTuning,
+    ) -> Result<Self> {
         Ok(Self::with_backend(Backend::Gpu(Arc::new(
-            GpuContext::from_adapter(adapter, options)?,
+            GpuContext::from_adapter(adapter, options, tuning)?,
         ))))
     }
 
@@ -82,9 +101,28 @@ impl Context {
     /// [`REQUIRED_STORAGE_BUFFERS`](crate::REQUIRED_STORAGE_BUFFERS) storage buffers per
     /// stage and 256-invocation workgroups).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Self::from_device_tuned(device, queue, ContextOptions::default(), DeviceTuning::default())
+    }
+
+    /// [`from_device`](Self::from_device) with options and tuning.
+    pub fn from_device_tuned(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: ContextOptions,
+        tuning: DeviceTuning,
+    ) -> Result<Self> {
         Ok(Self::with_backend(Backend::Gpu(Arc::new(
-            GpuContext::from_device(device, queue, ContextOptions::default())?,
+            GpuContext::from_device(device, queue, options, tuning)?,
         ))))
+    }
+
+    /// The tuning in force on a GPU context (partitioning resolved for the device, the
+    /// offset alignment chunks are bound at); `None` on the CPU.
+    pub fn tuning(&self) -> Option<DeviceTuning> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => Some(g.tuning),
+            Backend::Cpu => None,
+        }
     }
 
     /// The CPU backend: same API and semantics, multithreaded, no GPU needed.

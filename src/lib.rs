@@ -45,8 +45,9 @@ mod shape;
 pub use config::{BatchNormConfig, Momentum};
 pub use context::{Context, Tensor};
 pub use error::{Error, Result};
-pub use gpu::context::{ContextOptions, REQUIRED_STORAGE_BUFFERS};
+pub use gpu::context::{ContextOptions, DeviceTuning, REQUIRED_STORAGE_BUFFERS};
 pub use gpu::kernels::{shader_sources, WORKGROUP_SIZE};
+pub use gpu::plan::Partitioning;
 pub use nn::{BatchNorm, BatchNormState};
 pub use ops::{
     ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost, RunningStats,

@@ -17,10 +17,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// GPU contexts whose storage bindings are capped at `cap` bytes.
+/// GPU contexts whose storage bindings are capped at `cap` bytes, under each tuning of
+/// `common::tunings` (see `common::gpus_with`).
 fn capped(cap: u64) -> Vec<Context> {
     common::backends(); // enforces WGPU_BATCHNORM_REQUIRE_BACKENDS and reports missing GPUs
-    Context::all_gpus_with(ContextOptions {
+    common::gpus_with(ContextOptions {
         max_binding_size: Some(cap),
     })
     .into_iter()
@@ -28,19 +29,40 @@ fn capped(cap: u64) -> Vec<Context> {
     .expect("adapters that work uncapped work capped")
 }
 
+/// Like [`capped`], with chunks bound at multiples of `align` bytes (a coarser storage-offset
+/// alignment than the software adapters', as real GPUs report up to 256).
+fn capped_aligned(cap: u64, align: u64) -> Vec<Context> {
+    common::backends();
+    let options = ContextOptions {
+        max_binding_size: Some(cap),
+    };
+    common::tunings()
+        .into_iter()
+        .flat_map(|t| Context::all_gpus_tuned(options, t.offset_alignment(align)))
+        .collect::<Result<_, _>>()
+        .expect("adapters that work uncapped work capped")
+}
+
 fn check_chunked(dims: &[usize], layout: Layout, cap: u64) {
+    check_chunked_on(capped(cap), dims, layout, cap);
+}
+
+fn check_chunked_on(contexts: Vec<Context>, dims: &[usize], layout: Layout, cap: u64) {
     let n: usize = dims.iter().product();
     let c = dims[1];
     let shape = Shape::with_layout(dims, layout).unwrap();
     let xs = normal(n, 11, 3.0, 2.0);
     let dys = normal(n, 12, 0.0, 1.0);
     let config = BatchNormConfig::new(c).momentum(0.3);
-    for ctx in capped(cap) {
+    for ctx in contexts {
         let mut reference = ReferenceBatchNorm::new(config);
         let mut bn = BatchNorm::new(&ctx, config).unwrap();
         let x = ctx.tensor_with_layout(&xs, dims, layout).unwrap();
         let dy = ctx.tensor_with_layout(&dys, dims, layout).unwrap();
-        let what = |s: &str| format!("{s} {dims:?} {layout:?} cap {cap} on {}", ctx.name());
+        let what = |s: &str| {
+            let on = common::describe(&ctx);
+            format!("{s} {dims:?} {layout:?} cap {cap} on {on}")
+        };
         for _ in 0..2 {
             let want = reference.forward_train(&xs, &shape).unwrap();
             let out = bn.forward_train(&x).unwrap();
@@ -120,6 +142,48 @@ fn chunked_odd_row_sizes() {
     check_chunked(&[33, 5, 9], Layout::ChannelsFirst, 1 << 10);
     check_chunked(&[40, 3, 12], Layout::ChannelsFirst, 2 << 10);
     check_chunked(&[30, 7, 3, 5], Layout::ChannelsLast, 2 << 10);
+}
+
+#[test]
+fn chunked_at_a_256_byte_offset_alignment() {
+    let _serial = serial();
+    // Every chunk starts up to 252 bytes past the aligned offset it is bound at, and the
+    // cap leaves room for few rows: odd rows (420 B, 180 B), vec4 rows (144 B), columns.
+    for (dims, layout, cap) in [
+        (&[64, 3, 7, 5][..], Layout::ChannelsFirst, 2 << 10),
+        (&[33, 5, 9], Layout::ChannelsFirst, 1 << 10),
+        (&[40, 3, 12], Layout::ChannelsFirst, 1 << 10),
+        (&[30, 7, 3, 5], Layout::ChannelsLast, 1 << 10),
+    ] {
+        check_chunked_on(capped_aligned(cap, 256), dims, layout, cap);
+    }
+    for ctx in capped_aligned(1 << 10, 256) {
+        assert_eq!(
+            ctx.tuning().unwrap().offset_alignment,
+            Some(256),
+            "{}",
+            ctx.name()
+        );
+    }
+}
+
+#[test]
+fn a_row_that_fits_only_without_the_alignment_slack_is_a_typed_error() {
+    let _serial = serial();
+    // Rows of 1000 B and a 1 KiB cap: a chunk bound 252 bytes early does not fit.
+    for ctx in capped_aligned(1 << 10, 256) {
+        let x = ctx
+            .tensor_from_slice(&normal(4 * 250, 2, 0.0, 1.0), &[4, 250])
+            .unwrap();
+        let mut bn = BatchNorm::new(&ctx, BatchNormConfig::new(250)).unwrap();
+        let err = bn.forward_train(&x).unwrap_err();
+        assert!(
+            matches!(err, Error::TooLarge { limit: 1024, .. }),
+            "{err:?} on {}",
+            common::describe(&ctx)
+        );
+        assert_eq!(bn.num_batches_tracked(), Some(0));
+    }
 }
 
 #[test]

@@ -127,6 +127,10 @@ fn dx_coefficients(
 }
 
 impl Backend for CpuBackend {
+    fn begin(&self) -> Result<Batch> {
+        Ok(Batch::default())
+    }
+
     fn moments(&self, _: &mut Batch, x: &Tensor) -> Result<Summaries> {
         let stats = fast::stats(host(x), x.shape().view());
         Ok(Summaries::Cpu(Arc::new(

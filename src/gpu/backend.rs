@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use super::context::GpuContext;
+use super::context::{GpuContext, Scope};
 use super::kernels::{
     encode, Bind, Family, Launch, Params, FLAG_BIAS, FLAG_DBIAS, FLAG_DWEIGHT, FLAG_MOMENTS,
     FLAG_SAVED, FLAG_SUMS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, FLAG_WEIGHT, WORKGROUP_SIZE,
@@ -78,7 +78,7 @@ impl GpuContext {
             return Ok((**b).clone());
         }
         let len = t.numel();
-        let fresh = self.guarded(|| self.alloc(len, "running statistics"))?;
+        let fresh = self.alloc(len, "running statistics");
         batch.steps.push(Step::Copy {
             src: (**b).clone(),
             dst: (*fresh).clone(),
@@ -112,9 +112,9 @@ impl GpuContext {
         }
     }
 
-    /// Buffers for an operation's outputs and scratch, under an error scope.
+    /// Buffers for an operation's outputs and scratch (under the batch's error scope).
     fn buffers<const N: usize>(&self, lens: [usize; N]) -> Result<[GpuBuffer; N]> {
-        self.guarded(|| lens.map(|len| self.alloc(len, "batchnorm")))
+        Ok(lens.map(|len| self.alloc(len, "batchnorm")))
     }
 
     /// The statistics partials of x into a scratch buffer kept by the batch; returns the
@@ -197,6 +197,14 @@ impl GpuContext {
 }
 
 impl Backend for GpuContext {
+    fn begin(&self) -> Result<Batch> {
+        self.check_alive()?;
+        Ok(Batch {
+            scope: Some(Scope::push(&self.device)),
+            ..Batch::default()
+        })
+    }
+
     fn moments(&self, batch: &mut Batch, x: &Tensor) -> Result<Summaries> {
         let c = x.shape().channels();
         let [out] = self.buffers([4 * c])?;
@@ -505,10 +513,8 @@ impl Backend for GpuContext {
     }
 
     fn submit(&self, batch: Batch) -> Result<()> {
-        if batch.steps.is_empty() {
-            return Ok(());
-        }
-        self.guarded(|| {
+        let Batch { steps, keep, scope } = batch;
+        if !steps.is_empty() {
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -518,7 +524,7 @@ impl Backend for GpuContext {
             let mut stamps = self.timer.as_ref().and_then(|t| t.begin(&self.device));
             let max_dim = self.limits.max_compute_workgroups_per_dimension;
             let mut launches = Vec::new();
-            let mut steps = batch.steps.into_iter().peekable();
+            let mut steps = steps.into_iter().peekable();
             while let Some(step) = steps.next() {
                 match step {
                     Step::Copy {
@@ -554,8 +560,13 @@ impl Backend for GpuContext {
                 timer.end(&mut encoder, s);
             }
             self.queue.submit(Some(encoder.finish()));
-            drop(batch.keep);
-        })
+        }
+        // Scratch goes back to the pool only now: the queue runs submissions in order.
+        drop(keep);
+        match scope {
+            Some(scope) => scope.pop(),
+            None => Ok(()),
+        }
     }
 
     fn download_summaries(

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::kernels::Kernels;
-use super::plan::{Plan, Tuning};
+use super::plan::{Partitioning, Plan};
 use super::pool::{BufferPool, GpuBuffer};
 use super::timer::KernelTimer;
 use crate::error::{Error, Result};
@@ -17,6 +17,35 @@ pub struct ContextOptions {
     /// `max_storage_buffer_binding_size` (at least 256 bytes). Tensors larger than a binding
     /// are processed in chunks of whole rows; a small cap exercises that path on small data.
     pub max_binding_size: Option<u64>,
+}
+
+/// Performance knobs and emulated device limits of a GPU [`Context`](crate::Context),
+/// beside [`ContextOptions`]: `DeviceTuning::default().partitioning(...)`. The defaults are
+/// the device's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceTuning {
+    /// How reductions cut their work into workgroups (default: per device type).
+    pub partitioning: Partitioning,
+    /// Chunks of tensors past one binding are bound at multiples of this many bytes: at
+    /// least the device's `min_storage_buffer_offset_alignment` (a power of two); a larger
+    /// value emulates a device with a coarser alignment (real GPUs report 32 to 256).
+    pub offset_alignment: Option<u64>,
+}
+
+impl DeviceTuning {
+    /// Sets the work partitioning.
+    pub fn partitioning(mut self, partitioning: Partitioning) -> Self {
+        self.partitioning = partitioning;
+        self
+    }
+
+    /// Sets the storage-offset alignment chunks are bound at (rounded up to a power of two,
+    /// never below the device's).
+    pub fn offset_alignment(mut self, bytes: u64) -> Self {
+        self.offset_alignment = Some(bytes);
+        self
+    }
 }
 
 /// Limits the crate needs at minimum (the WebGPU defaults satisfy them): up to 6 storage
@@ -39,6 +68,9 @@ pub(crate) struct GpuContext {
     /// Kernel-only timing, where the device has timestamp queries.
     pub timer: Option<KernelTimer>,
     options: ContextOptions,
+    /// With `partitioning` resolved for this device and the alignment made the device's at
+    /// least.
+    pub tuning: DeviceTuning,
     lost: Arc<Mutex<Option<String>>>,
     /// An error wgpu raised outside our scopes (only on devices we created); reported by the
     /// next call.
@@ -85,7 +117,11 @@ pub(crate) fn candidate_adapters() -> (Vec<wgpu::Adapter>, String, String) {
 impl GpuContext {
     /// Opens a device on `adapter` with the adapter's own limits (larger storage bindings
     /// than the WebGPU defaults where the hardware has them).
-    pub fn from_adapter(adapter: &wgpu::Adapter, options: ContextOptions) -> Result<Self> {
+    pub fn from_adapter(
+        adapter: &wgpu::Adapter,
+        options: ContextOptions,
+        tuning: DeviceTuning,
+    ) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
         check_limits(&info, &limits)?;
@@ -110,7 +146,7 @@ impl GpuContext {
                 *s = Some(e.to_string());
             }
         }));
-        Self::build(device, queue, info, uncaptured, options)
+        Self::build(device, queue, info, uncaptured, options, tuning)
     }
 
     /// Wraps a device the application already owns. Its uncaptured-error handler stays the
@@ -119,10 +155,11 @@ impl GpuContext {
         device: wgpu::Device,
         queue: wgpu::Queue,
         options: ContextOptions,
+        tuning: DeviceTuning,
     ) -> Result<Self> {
         let info = device.adapter_info();
         check_limits(&info, &device.limits())?;
-        Self::build(device, queue, info, Arc::new(Mutex::new(None)), options)
+        Self::build(device, queue, info, Arc::new(Mutex::new(None)), options, tuning)
     }
 
     fn build(
@@ -131,6 +168,7 @@ impl GpuContext {
         info: wgpu::AdapterInfo,
         uncaptured: Arc<Mutex<Option<String>>>,
         options: ContextOptions,
+        tuning: DeviceTuning,
     ) -> Result<Self> {
         let lost = Arc::new(Mutex::new(None));
         let lost_flag = lost.clone();
@@ -140,6 +178,15 @@ impl GpuContext {
             }
         });
         let limits = device.limits();
+        let device_align = limits.min_storage_buffer_offset_alignment as u64;
+        let tuning = DeviceTuning {
+            partitioning: tuning.partitioning.resolve(info.device_type),
+            offset_alignment: Some(
+                tuning
+                    .offset_alignment
+                    .map_or(device_align, |a| a.max(device_align).next_power_of_two()),
+            ),
+        };
         let scope = Scope::push(&device);
         let kernels = Kernels::new(&device);
         scope.pop()?;
@@ -167,6 +214,7 @@ impl GpuContext {
             limits,
             kernels,
             options,
+            tuning,
             lost,
             uncaptured,
         })
@@ -213,8 +261,10 @@ impl GpuContext {
         Plan::new(
             view,
             self.max_binding(),
-            self.limits.min_storage_buffer_offset_alignment as u64,
-            Tuning::for_device(self.info.device_type),
+            self.tuning
+                .offset_alignment
+                .expect("resolved when the context is built"),
+            self.tuning.partitioning.numbers(self.info.device_type),
         )
     }
 
@@ -403,20 +453,21 @@ fn check_limits(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Result<()> {
     }
 }
 
-/// Validation + out-of-memory error scopes, popped together.
-struct Scope {
+/// Validation + out-of-memory error scopes, popped together (dropped unpopped, they pop
+/// and discard what they caught).
+pub(crate) struct Scope {
     validation: wgpu::ErrorScopeGuard,
     oom: wgpu::ErrorScopeGuard,
 }
 
 impl Scope {
-    fn push(device: &wgpu::Device) -> Self {
+    pub fn push(device: &wgpu::Device) -> Self {
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         Self { validation, oom }
     }
 
-    fn pop(self) -> Result<()> {
+    pub fn pop(self) -> Result<()> {
         let validation = pollster::block_on(self.validation.pop());
         let oom = pollster::block_on(self.oom.pop());
         if let Some(e) = oom {

@@ -12,7 +12,66 @@ const MIN_UNITS_PER_THREAD: u32 = 4;
 /// whole workgroup (tree merge) beyond.
 const FINALIZE_THREAD_MAX_TILES: u32 = 64;
 
-/// How a device likes its work cut.
+/// How the reductions cut their work into workgroups. A performance knob: every choice
+/// gives the same results within f32 rounding, and the suite runs under both presets on
+/// every adapter it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Partitioning {
+    /// Per device type: [`SoftwareAdapter`](Self::SoftwareAdapter) on CPU implementations
+    /// of Vulkan/GL, [`DiscreteGpu`](Self::DiscreteGpu) on every other device.
+    #[default]
+    Auto,
+    /// Few, long workgroups (16 target workgroups, up to 256 units per invocation): CPU
+    /// implementations run a workgroup per core at a time and pay for every barrier of
+    /// every workgroup.
+    SoftwareAdapter,
+    /// Many workgroups (1024 target workgroups, up to 32 units per invocation): GPUs want
+    /// thousands of workgroups in flight. Sends the per-channel finalize of most shapes to
+    /// its workgroup-per-channel tree merge.
+    DiscreteGpu,
+    /// Explicit numbers: reduction workgroups to aim for when channels alone are too few
+    /// to fill the device, and the most units (vec4 or scalar) one reduction invocation
+    /// accumulates. Both at least 1.
+    Explicit {
+        target_groups: u32,
+        max_units_per_thread: u32,
+    },
+}
+
+impl Partitioning {
+    /// The preset `Auto` stands for on a device of `device_type`; other choices as they are.
+    pub fn resolve(self, device_type: wgpu::DeviceType) -> Self {
+        match (self, device_type) {
+            (Partitioning::Auto, wgpu::DeviceType::Cpu) => Partitioning::SoftwareAdapter,
+            (Partitioning::Auto, _) => Partitioning::DiscreteGpu,
+            (other, _) => other,
+        }
+    }
+
+    /// (target workgroups, most units per invocation), with `Auto` resolved.
+    pub(crate) fn numbers(self, device_type: wgpu::DeviceType) -> Tuning {
+        match self.resolve(device_type) {
+            Partitioning::SoftwareAdapter => Tuning {
+                target_groups: 16,
+                max_units_per_thread: 256,
+            },
+            Partitioning::Explicit {
+                target_groups,
+                max_units_per_thread,
+            } => Tuning {
+                target_groups: target_groups.max(1),
+                max_units_per_thread: max_units_per_thread.max(1),
+            },
+            _ => Tuning {
+                target_groups: 1024,
+                max_units_per_thread: 32,
+            },
+        }
+    }
+}
+
+/// How a device likes its work cut (the numbers of a [`Partitioning`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tuning {
     /// Reduction workgroups to aim for when channels alone are too few to fill the device.
@@ -21,23 +80,6 @@ pub(crate) struct Tuning {
     pub max_units_per_thread: u32,
 }
 
-impl Tuning {
-    /// GPUs want thousands of workgroups in flight. CPU implementations of Vulkan/GL run a
-    /// workgroup per core at a time and pay for every barrier of every workgroup, so they
-    /// want few, long workgroups.
-    pub fn for_device(device_type: wgpu::DeviceType) -> Self {
-        match device_type {
-            wgpu::DeviceType::Cpu => Self {
-                target_groups: 16,
-                max_units_per_thread: 256,
-            },
-            _ => Self {
-                target_groups: 1024,
-                max_units_per_thread: 32,
-            },
-        }
-    }
-}
 /// Units each thread of the element-wise kernels handles.
 const APPLY_UNITS_PER_THREAD: u32 = 8;
 

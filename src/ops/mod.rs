@@ -38,7 +38,7 @@ pub use types::{
     SavedStats,
 };
 
-use crate::backend::{Batch, Summaries};
+use crate::backend::Summaries;
 use crate::config::{validate_eps, validate_momentum};
 use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
@@ -167,7 +167,7 @@ pub(crate) fn forward(
     check_param(ctx, bias, "bias", c)?;
     check_running(ctx, &running, c)?;
     let k = ctx.kernels();
-    let mut batch = Batch::default();
+    let mut batch = k.begin()?;
     let saved = if training {
         k.batch_stats(&mut batch, x, eps, running)?
     } else {
@@ -208,7 +208,7 @@ pub fn batch_norm_backward(
     let c = x.shape().channels();
     check_param(ctx, weight, "weight", c)?;
     let k = ctx.kernels();
-    let mut batch = Batch::default();
+    let mut batch = k.begin()?;
     let (dx, dw, db) = k.backward(
         &mut batch,
         dy,
@@ -234,7 +234,7 @@ pub fn batch_norm_stats(x: &Tensor) -> Result<Moments> {
     check_input(x, false)?;
     let ctx = x.context();
     let k = ctx.kernels();
-    let mut batch = Batch::default();
+    let mut batch = k.begin()?;
     let data = k.moments(&mut batch, x)?;
     k.submit(batch)?;
     Ok(Moments::new(
@@ -281,7 +281,7 @@ pub fn batch_norm_gather_stats(
     }
     check_running(ctx, &running, c)?;
     let k = ctx.kernels();
-    let mut batch = Batch::default();
+    let mut batch = k.begin()?;
     let list: Vec<(&Summaries, u64)> = parts.iter().map(|m| (&m.data, m.count())).collect();
     let saved = k.gather(&mut batch, &list, c, eps, running)?;
     k.submit(batch)?;
@@ -303,7 +303,7 @@ pub fn batch_norm_elemt(
     check_param(ctx, weight, "weight", c)?;
     check_param(ctx, bias, "bias", c)?;
     let k = ctx.kernels();
-    let mut batch = Batch::default();
+    let mut batch = k.begin()?;
     let y = k.elemt(&mut batch, x, &saved.data, weight, bias)?;
     k.submit(batch)?;
     Ok(Tensor::new(ctx, x.shape().clone(), y))
@@ -323,7 +323,7 @@ pub fn batch_norm_backward_reduce(
     check_dy(x, dy)?;
     saved.check_for(x, false)?;
     let k = ctx.kernels();
-    let mut batch = Batch::default();
+    let mut batch = k.begin()?;
     let r = k.backward_reduce(&mut batch, dy, x, &saved.data, mask.weight, mask.bias)?;
     k.submit(batch)?;
     let c = x.shape().channels();
@@ -372,7 +372,7 @@ pub fn batch_norm_backward_elemt(
         });
     }
     let k = ctx.kernels();
-    let mut batch = Batch::default();
+    let mut batch = k.begin()?;
     let with_sums = saved.is_batch_stats().then_some((&sums.data, total_count));
     let dx = k.backward_elemt(&mut batch, dy, x, &saved.data, weight, with_sums)?;
     k.submit(batch)?;

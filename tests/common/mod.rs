@@ -8,14 +8,47 @@
 
 use std::sync::OnceLock;
 
-use wgpu_batchnorm::{Context, Layout, Shape};
+use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning, Layout, Partitioning, Shape};
 
-/// The CPU context and one context per GPU adapter, built once per test binary.
+/// The tunings every GPU test body runs under: the device's own and, where that is not
+/// already it, the discrete-GPU work partitioning (many tiles per channel, the tree-merge
+/// finalize), so that the path every real GPU takes runs on the software adapters too.
+pub fn tunings() -> [DeviceTuning; 2] {
+    [
+        DeviceTuning::default(),
+        DeviceTuning::default().partitioning(Partitioning::DiscreteGpu),
+    ]
+}
+
+/// GPU contexts with `options`: one per adapter with its own tuning, then, on the software
+/// adapters (whose own partitioning is the CPU-adapter one), one with the discrete-GPU
+/// partitioning.
+pub fn gpus_with(options: ContextOptions) -> Vec<Result<Context, wgpu_batchnorm::Error>> {
+    let [own, gpu] = tunings();
+    let mut out = Context::all_gpus_tuned(options, own);
+    out.extend(
+        Context::all_gpus_tuned(options, gpu)
+            .into_iter()
+            .filter(|c| !matches!(c, Ok(c) if c.adapter_info().map(|i| i.device_type) != Some(wgpu::DeviceType::Cpu))),
+    );
+    out
+}
+
+/// How a context is named in failure messages: its adapter and, on a GPU, its partitioning.
+pub fn describe(ctx: &Context) -> String {
+    match ctx.tuning() {
+        Some(t) => format!("{} (partitioning {:?})", ctx.name(), t.partitioning),
+        None => ctx.name(),
+    }
+}
+
+/// The CPU context and, per GPU adapter, one context per tuning of [`tunings`], built once
+/// per test binary.
 pub fn backends() -> &'static [Context] {
     static BACKENDS: OnceLock<Vec<Context>> = OnceLock::new();
     BACKENDS.get_or_init(|| {
         let mut all = vec![Context::cpu()];
-        for ctx in Context::all_gpus() {
+        for ctx in gpus_with(ContextOptions::default()) {
             match ctx {
                 Ok(ctx) => all.push(ctx),
                 Err(e) => eprintln!("!!! wgpu-batchnorm tests: an adapter is unusable: {e}"),
@@ -56,7 +89,7 @@ pub fn on_every_backend(test: &str, body: impl Fn(&Context)) {
         let _gl = (ctx.backend_kind() == "gl").then(gl_lock);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(ctx)));
         if let Err(e) = r {
-            eprintln!("test {test} failed on backend {}", ctx.name());
+            eprintln!("test {test} failed on backend {}", describe(ctx));
             std::panic::resume_unwind(e);
         }
     }
@@ -118,7 +151,7 @@ pub fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// One context per GPU adapter on a device that allows only `max` workgroups per dispatch
+/// One context per GPU adapter and tuning (as [`gpus_with`]) on a device that allows only `max` workgroups per dispatch
 /// dimension (wgpu validates every dispatch against the limits the device was created
 /// with), so that small tensors need the 2-D grids, whatever plan the library picks.
 pub fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
@@ -132,7 +165,15 @@ pub fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
                 .flags
                 .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
         })
-        .filter_map(|adapter| {
+        .flat_map(|adapter| {
+            let software = adapter.get_info().device_type == wgpu::DeviceType::Cpu;
+            let n = if software { 2 } else { 1 };
+            tunings()
+                .into_iter()
+                .take(n)
+                .map(move |t| (adapter.clone(), t))
+        })
+        .filter_map(|(adapter, tuning)| {
             let required_limits = wgpu::Limits {
                 max_compute_workgroups_per_dimension: max,
                 ..adapter.limits()
@@ -146,7 +187,8 @@ pub fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
                 Ok((device, queue)) => {
                     // What the library plans with and what wgpu validates dispatches against.
                     assert_eq!(device.limits().max_compute_workgroups_per_dimension, max);
-                    Some(Context::from_device(device, queue).unwrap())
+                    let options = ContextOptions::default();
+                    Some(Context::from_device_tuned(device, queue, options, tuning).unwrap())
                 }
                 Err(e) => {
                     eprintln!(

@@ -1,0 +1,6 @@
+//! Layers: state and mode only. Each runs its forward and backward through the functional
+//! API ([`crate::ops`]), as PyTorch's modules run through `torch.nn.functional`.
+
+mod batch_norm;
+
+pub use batch_norm::{BatchNorm, BatchNormState};
