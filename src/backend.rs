@@ -10,8 +10,8 @@
 
 use crate::context::{Data, Tensor};
 use crate::error::Result;
-use crate::gpu::kernels::Launch;
 use crate::gpu::context::Scope;
+use crate::gpu::kernels::Launch;
 use crate::gpu::pool::GpuBuffer;
 
 /// Per-channel pairs in a backend's own form: the summaries of [`Moments`](crate::Moments)

@@ -101,7 +101,12 @@ impl Context {
     /// [`REQUIRED_STORAGE_BUFFERS`](crate::REQUIRED_STORAGE_BUFFERS) storage buffers per
     /// stage and 256-invocation workgroups).
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
-        Self::from_device_tuned(device, queue, ContextOptions::default(), DeviceTuning::default())
+        Self::from_device_tuned(
+            device,
+            queue,
+            ContextOptions::default(),
+            DeviceTuning::default(),
+        )
     }
 
     /// [`from_device`](Self::from_device) with options and tuning.

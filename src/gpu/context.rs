@@ -159,7 +159,14 @@ impl GpuContext {
     ) -> Result<Self> {
         let info = device.adapter_info();
         check_limits(&info, &device.limits())?;
-        Self::build(device, queue, info, Arc::new(Mutex::new(None)), options, tuning)
+        Self::build(
+            device,
+            queue,
+            info,
+            Arc::new(Mutex::new(None)),
+            options,
+            tuning,
+        )
     }
 
     fn build(
