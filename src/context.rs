@@ -121,6 +121,25 @@ impl Context {
         ))))
     }
 
+    /// The caching allocator's counters (bytes cached and live, hits, misses, the cap), on a
+    /// GPU context; `None` on the CPU, whose tensors are plain host memory.
+    pub fn memory_stats(&self) -> Option<crate::MemoryStats> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => Some(g.memory_stats()),
+            Backend::Cpu => None,
+        }
+    }
+
+    /// Releases the GPU buffers the caching allocator holds for reuse (PyTorch's
+    /// `torch.cuda.empty_cache()`); buffers of live tensors stay. Returns the bytes
+    /// released (0 on the CPU).
+    pub fn release_cached_buffers(&self) -> u64 {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.release_cached_buffers(),
+            Backend::Cpu => 0,
+        }
+    }
+
     /// The tuning in force on a GPU context (partitioning resolved for the device, the
     /// offset alignment chunks are bound at); `None` on the CPU.
     pub fn tuning(&self) -> Option<DeviceTuning> {

@@ -48,6 +48,7 @@ pub use error::{Error, Result};
 pub use gpu::context::{ContextOptions, DeviceTuning, REQUIRED_STORAGE_BUFFERS};
 pub use gpu::kernels::{shader_sources, WORKGROUP_SIZE};
 pub use gpu::plan::Partitioning;
+pub use gpu::pool::MemoryStats;
 pub use nn::{BatchNorm, BatchNormState};
 pub use ops::{
     ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost, RunningStats,

@@ -1508,8 +1508,12 @@ fn run_case(
         counts,
     };
     for (k, op) in case.ops.iter().enumerate() {
-        run.op(op)
-            .map_err(|e| fail(format!("operation {k} ({op:?}) on {}: {e}", ctx.name())))?;
+        run.op(op).map_err(|e| {
+            fail(format!(
+                "operation {k} ({op:?}) on {}: {e}",
+                common::describe(ctx)
+            ))
+        })?;
     }
     Ok(())
 }
@@ -1552,7 +1556,7 @@ fn fuzz(label: &str, matches: impl Fn(&Context) -> bool) {
         eprintln!(
             "fuzz on {}: {} cases ({} calls: {} Ok, {} typed errors; {} forwards and {} \
              backwards checked against the oracle) in {:.1} s",
-            ctx.name(),
+            common::describe(ctx),
             counts.cases.load(Relaxed),
             counts.calls.load(Relaxed),
             counts.ok.load(Relaxed),
@@ -1562,7 +1566,7 @@ fn fuzz(label: &str, matches: impl Fn(&Context) -> bool) {
             t.elapsed().as_secs_f64()
         );
         if let Err(e) = result {
-            panic!("fuzz on {}: {e}", ctx.name());
+            panic!("fuzz on {}: {e}", common::describe(ctx));
         }
     }
 }

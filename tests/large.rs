@@ -168,6 +168,46 @@ fn chunked_at_a_256_byte_offset_alignment() {
 }
 
 #[test]
+fn webgpu_default_limits() {
+    let _serial = serial();
+    // Devices created with WebGPU's default limits (the baseline browsers and many real
+    // GPUs report: 256-byte storage-offset alignment, 16 KiB of workgroup memory, 128 MiB
+    // bindings, 8 storage buffers per stage), under both partitionings; a binding cap makes
+    // the tensors chunked. A software adapter that cannot give such a device fails the test.
+    let contexts = |cap: u64| {
+        let options = ContextOptions {
+            max_binding_size: Some(cap),
+        };
+        let found = common::gpus_on_devices("webgpu-default", options, |_| wgpu::Limits::default());
+        // As many as the suite's GPU contexts: one per adapter and tuning.
+        let gpus = common::backends()
+            .iter()
+            .filter(|c| c.wgpu().is_some())
+            .count();
+        assert_eq!(
+            found.len(),
+            gpus,
+            "every adapter gives a WebGPU-default device"
+        );
+        found
+    };
+    for ctx in contexts(1 << 20) {
+        let (device, _) = ctx.wgpu().unwrap();
+        assert_eq!(device.limits().min_storage_buffer_offset_alignment, 256);
+        assert_eq!(device.limits().max_compute_workgroup_storage_size, 16 << 10);
+    }
+    for (dims, layout, cap) in [
+        (&[64, 3, 7, 5][..], Layout::ChannelsFirst, 8 << 10),
+        (&[40, 3, 12], Layout::ChannelsFirst, 2 << 10),
+        (&[9, 2, 32, 64], Layout::ChannelsFirst, 40 << 10),
+        (&[30, 7, 3, 5], Layout::ChannelsLast, 2 << 10),
+        (&[3000, 8], Layout::ChannelsFirst, 16 << 10),
+    ] {
+        check_chunked_on(contexts(cap), dims, layout, cap);
+    }
+}
+
+#[test]
 fn a_row_that_fits_only_without_the_alignment_slack_is_a_typed_error() {
     let _serial = serial();
     // Rows of 1000 B and a 1 KiB cap: a chunk bound 252 bytes early does not fit.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::kernels::Kernels;
 use super::plan::{Partitioning, Plan};
-use super::pool::{BufferPool, GpuBuffer};
+use super::pool::{size_class, BufferPool, GpuBuffer, MemoryStats};
 use super::timer::KernelTimer;
 use crate::error::{Error, Result};
 use crate::shape::View;
@@ -31,12 +31,22 @@ pub struct DeviceTuning {
     /// least the device's `min_storage_buffer_offset_alignment` (a power of two); a larger
     /// value emulates a device with a coarser alignment (real GPUs report 32 to 256).
     pub offset_alignment: Option<u64>,
+    /// Bytes of free buffers the context's caching allocator keeps for reuse (default:
+    /// twice the device's `max_storage_buffer_binding_size`, at least 256 MiB). 0 caches
+    /// nothing.
+    pub cache_limit: Option<u64>,
 }
 
 impl DeviceTuning {
     /// Sets the work partitioning.
     pub fn partitioning(mut self, partitioning: Partitioning) -> Self {
         self.partitioning = partitioning;
+        self
+    }
+
+    /// Sets the caching allocator's cap on free buffers kept for reuse, in bytes.
+    pub fn cache_limit(mut self, bytes: u64) -> Self {
+        self.cache_limit = Some(bytes);
         self
     }
 
@@ -186,7 +196,11 @@ impl GpuContext {
         });
         let limits = device.limits();
         let device_align = limits.min_storage_buffer_offset_alignment as u64;
+        let cache_limit = tuning
+            .cache_limit
+            .unwrap_or((2 * limits.max_storage_buffer_binding_size).max(256 << 20));
         let tuning = DeviceTuning {
+            cache_limit: Some(cache_limit),
             partitioning: tuning.partitioning.resolve(info.device_type),
             offset_alignment: Some(
                 tuning
@@ -214,7 +228,7 @@ impl GpuContext {
             timer,
             dummy_read,
             dummy_write,
-            pool: Arc::default(),
+            pool: Arc::new(BufferPool::new(cache_limit)),
             device,
             queue,
             info,
@@ -306,12 +320,28 @@ impl GpuContext {
     /// A storage buffer for `len` floats from the pool (contents unspecified: the caller
     /// overwrites what it reads), or a new one.
     pub fn alloc(&self, len: usize, label: &str) -> GpuBuffer {
-        let size = (len.max(4) * 4).next_multiple_of(16) as u64;
-        let buffer = self
-            .pool
-            .take(size)
-            .unwrap_or_else(|| self.alloc_unpooled(len, label));
+        // The size class, unless it would pass the device's largest buffer.
+        let exact = (len.max(4) * 4).next_multiple_of(16) as u64;
+        let size = size_class(exact).min(self.limits.max_buffer_size.max(exact));
+        let buffer = self.pool.take(size).unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: storage_usage(),
+                mapped_at_creation: false,
+            })
+        });
         GpuBuffer::new(buffer, self.pool.clone())
+    }
+
+    /// The allocator's counters.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.pool.stats()
+    }
+
+    /// Releases the cached free buffers; returns the bytes released.
+    pub fn release_cached_buffers(&self) -> u64 {
+        self.pool.release()
     }
 
     /// Writes `len` zeros at the start of `buffer` (ordered before the next submission).
@@ -320,16 +350,6 @@ impl GpuContext {
             self.queue
                 .write_buffer(buffer, 0, bytemuck::cast_slice(&vec![0f32; len]));
         }
-    }
-
-    /// A new storage buffer for `len` floats, not pooled.
-    pub fn alloc_unpooled(&self, len: usize, label: &str) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: (len.max(4) * 4).next_multiple_of(16) as u64,
-            usage: storage_usage(),
-            mapped_at_creation: false,
-        })
     }
 
     /// Waits until the device has finished all submitted work.

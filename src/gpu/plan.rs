@@ -142,6 +142,11 @@ impl Plan {
         let run_len = v.inner as u32;
         let (mapping, vec4) = if run_len.is_multiple_of(4) && run_len / 4 >= wg {
             (Mapping::Runs { inner: run_len / 4 }, true)
+        } else if run_len >= 4 * wg {
+            // Long runs that are not whole vec4 units: the runs mapping over scalars. (The
+            // column mapping keeps a partial per value column and tile, as many values as
+            // a whole row: for runs this long that is a second tensor's worth of scratch.)
+            (Mapping::Runs { inner: run_len }, false)
         } else {
             let row_len = channels * run_len;
             let vec4 = row_len.is_multiple_of(4);
@@ -215,10 +220,12 @@ impl Plan {
                 let o0 = index * self.rows_per_chunk;
                 let rows = self.rows_per_chunk.min(self.outer - o0);
                 if self.chunks == 1 {
+                    // The tensor's own bytes: its buffer may be larger (a size class, or a
+                    // caller's buffer), and a whole-buffer binding could pass the limit.
                     return Chunk {
                         index,
                         rows,
-                        range: None,
+                        range: Some((0, rows as u64 * self.row_bytes)),
                         base: 0,
                     };
                 }

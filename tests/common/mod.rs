@@ -151,55 +151,63 @@ pub fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// One context per GPU adapter and tuning (as [`gpus_with`]) on a device that allows only `max` workgroups per dispatch
-/// dimension (wgpu validates every dispatch against the limits the device was created
-/// with), so that small tensors need the 2-D grids, whatever plan the library picks.
+/// One context per GPU adapter and tuning (as [`gpus_with`]) on a device that allows only
+/// `max` workgroups per dispatch dimension (wgpu validates every dispatch against the limits
+/// the device was created with), so that small tensors need the 2-D grids, whatever plan the
+/// library picks.
 pub fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
+    gpus_on_devices("grid-limited", ContextOptions::default(), |adapter| {
+        wgpu::Limits {
+            max_compute_workgroups_per_dimension: max,
+            ..adapter.clone()
+        }
+    })
+    .into_iter()
+    .inspect(|c| {
+        // What the library plans with and what wgpu validates dispatches against.
+        let (device, _) = c.wgpu().unwrap();
+        assert_eq!(device.limits().max_compute_workgroups_per_dimension, max);
+    })
+    .collect()
+}
+
+/// One context per GPU adapter and tuning (as [`gpus_with`]) on a device created with the
+/// limits `limits(adapter's limits)` and the given options. An adapter that cannot give
+/// such a device is reported on stderr and left out.
+pub fn gpus_on_devices(
+    label: &str,
+    options: ContextOptions,
+    limits: impl Fn(&wgpu::Limits) -> wgpu::Limits,
+) -> Vec<Context> {
     let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     let backends = desc.backends;
     let instance = wgpu::Instance::new(desc);
-    pollster::block_on(instance.enumerate_adapters(backends))
-        .into_iter()
-        .filter(|a| {
-            a.get_downlevel_capabilities()
-                .flags
-                .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-        })
-        .flat_map(|adapter| {
-            let software = adapter.get_info().device_type == wgpu::DeviceType::Cpu;
-            let n = if software { 2 } else { 1 };
-            tunings()
-                .into_iter()
-                .take(n)
-                .map(move |t| (adapter.clone(), t))
-        })
-        .filter_map(|(adapter, tuning)| {
-            let required_limits = wgpu::Limits {
-                max_compute_workgroups_per_dimension: max,
-                ..adapter.limits()
-            };
+    let mut out = Vec::new();
+    for adapter in pollster::block_on(instance.enumerate_adapters(backends)) {
+        if !adapter
+            .get_downlevel_capabilities()
+            .flags
+            .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+        {
+            continue;
+        }
+        let software = adapter.get_info().device_type == wgpu::DeviceType::Cpu;
+        for tuning in tunings().into_iter().take(if software { 2 } else { 1 }) {
             let request = adapter.request_device(&wgpu::DeviceDescriptor {
-                label: Some("grid-limited"),
-                required_limits,
+                label: Some(label),
+                required_limits: limits(&adapter.limits()),
                 ..Default::default()
             });
             match pollster::block_on(request) {
-                Ok((device, queue)) => {
-                    // What the library plans with and what wgpu validates dispatches against.
-                    assert_eq!(device.limits().max_compute_workgroups_per_dimension, max);
-                    let options = ContextOptions::default();
-                    Some(Context::from_device_tuned(device, queue, options, tuning).unwrap())
-                }
-                Err(e) => {
-                    eprintln!(
-                        "note: {:?}: no grid-limited device: {e}",
-                        adapter.get_info().name
-                    );
-                    None
-                }
+                Ok((device, queue)) => out.push(
+                    Context::from_device_tuned(device, queue, options, tuning)
+                        .expect("a device with the crate's minimum limits"),
+                ),
+                Err(e) => eprintln!("!!! {:?}: no {label} device: {e}", adapter.get_info().name),
             }
-        })
-        .collect()
+        }
+    }
+    out
 }
 
 /// Channels-first (N, C, S) data → channels-last (N, S, C) memory.
