@@ -36,9 +36,10 @@ pub(crate) struct Reduced {
 /// One step of a GPU batch, in order.
 pub(crate) enum Step {
     Launch(Launch),
-    /// Copy `bytes` bytes from the start of `src` to `dst` at `dst_offset`.
+    /// Copy `bytes` bytes from `src` at `src_offset` to `dst` at `dst_offset`.
     Copy {
         src: wgpu::Buffer,
+        src_offset: u64,
         dst: wgpu::Buffer,
         dst_offset: u64,
         bytes: u64,

@@ -261,6 +261,56 @@ impl Context {
         }
     }
 
+    /// Runs `f`, in which every operation of this context on this thread — layer methods
+    /// and the functional API alike — encodes its dispatches into `encoder` instead of
+    /// submitting them; the caller submits the encoder when it likes. Outputs are tensors
+    /// whose buffers the caller can bind in the same encoder, after the recorded work. The
+    /// parameters of the recorded dispatches are written with `queue.write_buffer`, which
+    /// lands before the caller's submission. Inside `f`, reading a tensor of this context
+    /// back is refused ([`Error::InvalidArgument`]: its values exist only once the encoder
+    /// is submitted), and recordings do not nest. Validation errors of the recorded commands
+    /// surface when the caller finishes the encoder. On the CPU context `f` simply runs
+    /// (its operations are synchronous) and the encoder stays empty.
+    pub fn record<T>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.record(encoder, f),
+            Backend::Cpu => f(),
+        }
+    }
+
+    /// A tensor over a caller's buffer, without a copy: `dims` (logical (N, C, ...)) values
+    /// in `layout` order, f32, starting `offset` bytes into `buffer`. The buffer must have
+    /// `STORAGE` usage (and `COPY_SRC` for [`Tensor::to_vec`]), the offset must be a
+    /// multiple of the device's `min_storage_buffer_offset_alignment`, the values must lie
+    /// inside the buffer, and the buffer must come from this context's device; each failure
+    /// is an [`Error::InvalidBuffer`] saying which. The crate only reads the tensor (ops
+    /// that update running statistics in place write into it, as PyTorch does); the caller
+    /// keeps ownership and must not write the buffer while work that reads it is pending.
+    pub fn tensor_from_buffer(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<Tensor> {
+        let shape = Shape::with_layout(dims, layout)?;
+        let Backend::Gpu(g) = &self.inner.backend else {
+            return Err(Error::InvalidBuffer {
+                reason: "the CPU context holds its tensors in host memory".into(),
+            });
+        };
+        g.check_external(buffer, offset, (shape.numel() * 4) as u64)?;
+        Ok(Tensor {
+            ctx: self.clone(),
+            shape,
+            data: Data::Gpu(Arc::new(GpuBuffer::external(buffer.clone(), offset))),
+        })
+    }
+
     /// A channels-first (contiguous, PyTorch's default) tensor holding `data`.
     pub fn tensor_from_slice(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
         self.tensor_with_layout(data, dims, Layout::ChannelsFirst)
@@ -361,28 +411,39 @@ impl Tensor {
         match &self.data {
             Data::Cpu(v) => Ok(v.as_ref().clone()),
             Data::Gpu(b) => match self.ctx.backend() {
-                Backend::Gpu(g) => g.read(b, self.numel()),
+                Backend::Gpu(g) => g.read(b, b.offset, self.numel()),
                 Backend::Cpu => unreachable!("GPU data in a CPU context"),
             },
         }
     }
 
-    /// [`to_vec`](Self::to_vec) without blocking the calling task: the wait for the GPU
-    /// happens on a helper thread.
+    /// [`to_vec`](Self::to_vec) without blocking the calling task and without a thread:
+    /// the future polls the device (non-blocking) each time it is polled, and completes
+    /// when the data is on the host.
     pub async fn to_vec_async(&self) -> Result<Vec<f32>> {
         match &self.data {
             Data::Cpu(v) => Ok(v.as_ref().clone()),
             Data::Gpu(b) => match self.ctx.backend() {
-                Backend::Gpu(g) => g.clone().read_async(b, self.numel()).await,
+                Backend::Gpu(g) => g.clone().read_async(b, b.offset, self.numel()).await,
                 Backend::Cpu => unreachable!("GPU data in a CPU context"),
             },
         }
     }
 
-    /// The GPU buffer behind this tensor (16-byte padded), for interop with wgpu code.
+    /// The GPU buffer behind this tensor, for interop with wgpu code. The values start at
+    /// [`wgpu_offset`](Self::wgpu_offset) (0 for the crate's own buffers, which may be
+    /// larger than the tensor: their sizes are rounded to a class).
     pub fn wgpu_buffer(&self) -> Option<&wgpu::Buffer> {
         match &self.data {
             Data::Gpu(b) => Some(&**b),
+            Data::Cpu(_) => None,
+        }
+    }
+
+    /// The byte offset of the tensor's first value in [`wgpu_buffer`](Self::wgpu_buffer).
+    pub fn wgpu_offset(&self) -> Option<u64> {
+        match &self.data {
+            Data::Gpu(b) => Some(b.offset),
             Data::Cpu(_) => None,
         }
     }

@@ -126,6 +126,11 @@ pub enum Error {
     #[error("GPU device lost or failed: {0}; create a new Context to recover")]
     DeviceLost(String),
 
+    /// A caller's `wgpu::Buffer` that cannot hold the tensor asked for (usage, offset
+    /// alignment, size, or another device).
+    #[error("this buffer cannot back the tensor: {reason}")]
+    InvalidBuffer { reason: String },
+
     /// An argument combination the operation does not accept.
     #[error("{op}: {reason}")]
     InvalidArgument { op: &'static str, reason: String },

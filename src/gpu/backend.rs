@@ -24,8 +24,20 @@ use crate::backend::{Backend, Batch, Reduced, Running, Step, Summaries};
 use crate::context::{Data, Tensor};
 use crate::error::Result;
 
-fn buffer(t: &Tensor) -> &wgpu::Buffer {
-    data_buffer(&t.data)
+fn buffer(t: &Tensor) -> &GpuBuffer {
+    match &t.data {
+        Data::Gpu(b) => b,
+        Data::Cpu(_) => unreachable!("the op layer checks contexts: host data on a GPU backend"),
+    }
+}
+
+/// A per-channel tensor's values: its own range of its buffer.
+fn bind(t: &Tensor) -> Bind {
+    let b = buffer(t);
+    Bind {
+        buffer: (**b).clone(),
+        range: Some((b.offset, (t.numel() * 4) as u64)),
+    }
 }
 
 fn data_buffer(d: &Data) -> &wgpu::Buffer {
@@ -65,29 +77,29 @@ impl GpuContext {
 
     /// The buffer of an optional per-channel input (γ, β), or the read dummy.
     fn or_dummy(&self, t: Option<&Tensor>) -> Bind {
-        t.map_or(&self.dummy_read, buffer).into()
+        t.map_or_else(|| (&self.dummy_read).into(), bind)
     }
 
     /// The buffer of a running statistic, to be written in place: a tensor whose storage
     /// is shared with a clone is first copied to fresh storage (copy-on-write).
-    fn writable(&self, batch: &mut Batch, t: &mut Tensor) -> Result<wgpu::Buffer> {
+    fn writable(&self, batch: &mut Batch, t: &mut Tensor) -> Result<Bind> {
         let Data::Gpu(b) = &t.data else {
             unreachable!("the op layer checks contexts")
         };
         if Arc::strong_count(b) == 1 {
-            return Ok((**b).clone());
+            return Ok(bind(t));
         }
         let len = t.numel();
         let fresh = self.alloc(len, "running statistics");
         batch.steps.push(Step::Copy {
-            src: (**b).clone(),
+            src: (***b).clone(),
+            src_offset: b.offset,
             dst: (*fresh).clone(),
             dst_offset: 0,
             bytes: (len * 4) as u64,
         });
-        let out = (*fresh).clone();
         t.data = gpu(fresh);
-        Ok(out)
+        Ok(bind(t))
     }
 
     /// Binds for the running statistics and the flags and parameters of their update.
@@ -103,10 +115,7 @@ impl GpuContext {
                 params.flags |= FLAG_UPDATE_RUNNING;
                 params.momentum = r.momentum;
                 params.bessel = (count as f64 / (count as f64 - 1.0)) as f32;
-                Ok([
-                    (&self.writable(batch, r.mean)?).into(),
-                    (&self.writable(batch, r.var)?).into(),
-                ])
+                Ok([self.writable(batch, r.mean)?, self.writable(batch, r.var)?])
             }
             _ => Ok([(&self.dummy_write).into(), (&self.dummy_write).into()]),
         }
@@ -173,7 +182,7 @@ impl GpuContext {
         dy: &Tensor,
         x: &Tensor,
         coef: &wgpu::Buffer,
-        dx: &wgpu::Buffer,
+        dx: &GpuBuffer,
         training: bool,
     ) {
         let flags = if training { FLAG_TRAINING } else { 0 };
@@ -193,6 +202,102 @@ impl GpuContext {
                 binds,
             );
         }
+    }
+}
+
+thread_local! {
+    /// The caller's encoder while [`GpuContext::record`] runs on this thread, with the
+    /// address of the context it records for.
+    static RECORDING: std::cell::RefCell<Option<(usize, wgpu::CommandEncoder)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl GpuContext {
+    /// Encodes a batch's steps: copies as copies, each run of launches as one compute pass;
+    /// with `timed`, kernel timing covers the last pass (a gather's copies come first).
+    fn encode_steps(&self, encoder: &mut wgpu::CommandEncoder, steps: Vec<Step>, timed: bool) {
+        let mut stamps = if timed {
+            self.timer.as_ref().and_then(|t| t.begin(&self.device))
+        } else {
+            None
+        };
+        let max_dim = self.limits.max_compute_workgroups_per_dimension;
+        let mut launches = Vec::new();
+        let mut steps = steps.into_iter().peekable();
+        while let Some(step) = steps.next() {
+            match step {
+                Step::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    bytes,
+                } => encoder.copy_buffer_to_buffer(&src, src_offset, &dst, dst_offset, bytes),
+                Step::Launch(l) => {
+                    launches.push(l);
+                    if !matches!(steps.peek(), Some(Step::Launch(_))) {
+                        let last = steps.peek().is_none();
+                        let ts = stamps.as_ref().filter(|_| last).map(|s| &s.query_set);
+                        encode(
+                            &self.device,
+                            &self.queue,
+                            &self.kernels,
+                            encoder,
+                            max_dim,
+                            &launches,
+                            ts,
+                        );
+                        launches.clear();
+                    }
+                }
+            }
+        }
+        if let (Some(timer), Some(s)) = (&self.timer, stamps.take()) {
+            timer.end(encoder, s);
+        }
+    }
+
+    /// Runs `f` with every operation of this context on this thread encoding into
+    /// `encoder` instead of submitting; see [`Context::record`](crate::Context::record).
+    pub fn record<T>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let me = self as *const Self as usize;
+        let busy = RECORDING.with(|r| r.borrow().is_some());
+        if busy {
+            return Err(crate::error::Error::InvalidArgument {
+                op: "record",
+                reason: "a recording is already running on this thread".into(),
+            });
+        }
+        // The caller's encoder moves in for the duration; a placeholder takes its place.
+        let placeholder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("placeholder"),
+            });
+        let theirs = std::mem::replace(encoder, placeholder);
+        RECORDING.with(|r| *r.borrow_mut() = Some((me, theirs)));
+        // Put it back even if `f` panics.
+        struct Restore<'a>(&'a mut wgpu::CommandEncoder);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                if let Some((_, e)) = RECORDING.with(|r| r.borrow_mut().take()) {
+                    *self.0 = e;
+                }
+            }
+        }
+        let _restore = Restore(encoder);
+        f()
+    }
+
+    /// Whether this thread is recording for this context (its reads must wait for the
+    /// caller's submission, so they are refused).
+    pub fn is_recording(&self) -> bool {
+        let me = self as *const Self as usize;
+        RECORDING.with(|r| matches!(&*r.borrow(), Some((owner, _)) if *owner == me))
     }
 }
 
@@ -246,6 +351,7 @@ impl Backend for GpuContext {
             for (i, (s, _)) in parts.iter().enumerate() {
                 batch.steps.push(Step::Copy {
                     src: summaries(s).clone(),
+                    src_offset: 0,
                     dst: (*scratch).clone(),
                     dst_offset: i as u64 * bytes,
                     bytes,
@@ -314,7 +420,7 @@ impl Backend for GpuContext {
             eps,
             ..Params::default()
         };
-        let binds = vec![buffer(mean).into(), buffer(var).into(), (&*saved).into()];
+        let binds = vec![bind(mean), bind(var), (&*saved).into()];
         self.launch(batch, Family::StatsRunning, false, params, binds);
         Ok(gpu(saved))
     }
@@ -515,53 +621,26 @@ impl Backend for GpuContext {
     fn submit(&self, batch: Batch) -> Result<()> {
         let Batch { steps, keep, scope } = batch;
         if !steps.is_empty() {
-            let mut encoder = self
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("batchnorm"),
-                });
-            // Kernel timing covers the last compute pass (the copies of a gather come first).
-            let mut stamps = self.timer.as_ref().and_then(|t| t.begin(&self.device));
-            let max_dim = self.limits.max_compute_workgroups_per_dimension;
-            let mut launches = Vec::new();
-            let mut steps = steps.into_iter().peekable();
-            while let Some(step) = steps.next() {
-                match step {
-                    Step::Copy {
-                        src,
-                        dst,
-                        dst_offset,
-                        bytes,
-                    } => encoder.copy_buffer_to_buffer(&src, 0, &dst, dst_offset, bytes),
-                    Step::Launch(l) => {
-                        launches.push(l);
-                        if !matches!(steps.peek(), Some(Step::Launch(_))) {
-                            let last = steps.peek().is_none();
-                            let ts = if last {
-                                stamps.as_ref().map(|s| &s.query_set)
-                            } else {
-                                None
-                            };
-                            encode(
-                                &self.device,
-                                &self.queue,
-                                &self.kernels,
-                                &mut encoder,
-                                max_dim,
-                                &launches,
-                                ts,
-                            );
-                            launches.clear();
-                        }
-                    }
+            // Into the caller's encoder while `Context::record` runs on this thread.
+            let recorded = RECORDING.with(|r| match &mut *r.borrow_mut() {
+                Some((owner, encoder)) if *owner == self as *const Self as usize => {
+                    self.encode_steps(encoder, steps, false);
+                    None
                 }
+                _ => Some(steps),
+            });
+            if let Some(steps) = recorded {
+                let mut encoder =
+                    self.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some("batchnorm"),
+                        });
+                self.encode_steps(&mut encoder, steps, true);
+                self.queue.submit(Some(encoder.finish()));
             }
-            if let (Some(timer), Some(s)) = (&self.timer, stamps.take()) {
-                timer.end(&mut encoder, s);
-            }
-            self.queue.submit(Some(encoder.finish()));
         }
-        // Scratch goes back to the pool only now: the queue runs submissions in order.
+        // Scratch goes back to the pool only now: the queue runs submissions in order, and
+        // a recording's later work lands in the same encoder after this one's.
         drop(keep);
         match scope {
             Some(scope) => scope.pop(),
@@ -576,7 +655,7 @@ impl Backend for GpuContext {
         count: u64,
         moments: bool,
     ) -> Result<Vec<[f64; 2]>> {
-        let raw = self.read(summaries(s), 4 * channels)?;
+        let raw = self.read(summaries(s), 0, 4 * channels)?;
         Ok(raw
             .chunks(4)
             .map(|v| {

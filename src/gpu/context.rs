@@ -1,6 +1,7 @@
 //! The GPU side of a [`Context`](crate::Context): adapter choice, device, pipelines, error
 //! scopes, upload and readback.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use super::kernels::Kernels;
@@ -74,6 +75,9 @@ pub(crate) struct GpuContext {
     /// that a dispatch never binds one buffer as both read-only and read-write.
     pub dummy_read: wgpu::Buffer,
     pub dummy_write: wgpu::Buffer,
+    /// One read-only storage binding: binding a caller's buffer to it tells whether the
+    /// buffer belongs to this device.
+    probe_layout: wgpu::BindGroupLayout,
     pool: Arc<BufferPool>,
     /// Kernel-only timing, where the device has timestamp queries.
     pub timer: Option<KernelTimer>,
@@ -224,10 +228,24 @@ impl GpuContext {
             })
         };
         let (dummy_read, dummy_write) = (dummy("unused input"), dummy("unused output"));
+        let probe_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("buffer probe"),
+            entries: &[wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: true },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }],
+        });
         Ok(Self {
             timer,
             dummy_read,
             dummy_write,
+            probe_layout,
             pool: Arc::new(BufferPool::new(cache_limit)),
             device,
             queue,
@@ -334,6 +352,61 @@ impl GpuContext {
         GpuBuffer::new(buffer, self.pool.clone())
     }
 
+    /// Checks that `buffer` can hold `bytes` bytes of a tensor from byte `offset`: STORAGE
+    /// usage, an offset at the device's storage-offset alignment, the range inside the
+    /// buffer, and the buffer made by this device.
+    pub fn check_external(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<()> {
+        let bad = |reason: String| Err(Error::InvalidBuffer { reason });
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return bad(format!("its usage {:?} lacks STORAGE", buffer.usage()));
+        }
+        let align = self.limits.min_storage_buffer_offset_alignment as u64;
+        if !offset.is_multiple_of(align) {
+            return bad(format!(
+                "offset {offset} is not a multiple of the device's storage-offset alignment {align}"
+            ));
+        }
+        if offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > buffer.size())
+        {
+            return bad(format!(
+                "{bytes} bytes from offset {offset} pass the buffer's end ({} bytes)",
+                buffer.size()
+            ));
+        }
+        // Another device's buffer fails validation when bound here (and, from another
+        // wgpu instance, panics inside wgpu: caught, and reported like the validation error).
+        let size = bytes.clamp(4, self.max_binding().max(4));
+        if offset + size <= buffer.size() {
+            let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.guarded(|| {
+                    self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("buffer probe"),
+                        layout: &self.probe_layout,
+                        entries: &[wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer,
+                                offset,
+                                size: wgpu::BufferSize::new(size),
+                            }),
+                        }],
+                    })
+                })
+            }));
+            let failed = match probe {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("wgpu rejected it as a resource of another device".into()),
+            };
+            if let Some(e) = failed {
+                return bad(format!("binding it on this context's device failed: {e}"));
+            }
+        }
+        Ok(())
+    }
+
     /// The allocator's counters.
     pub fn memory_stats(&self) -> MemoryStats {
         self.pool.stats()
@@ -360,12 +433,14 @@ impl GpuContext {
         self.check_alive()
     }
 
-    /// Copies the first `len` floats of `buffer` back to the host and waits for them.
-    pub fn read(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
+    /// Copies `len` floats of `buffer` from byte `offset` back to the host and waits for
+    /// them.
+    pub fn read(&self, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<f32>> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let (staging, bytes) = self.stage(buffer, len)?;
+        self.refuse_while_recording()?;
+        let (staging, bytes) = self.stage(buffer, offset, len)?;
         let slice = staging.slice(..bytes);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -381,39 +456,62 @@ impl GpuContext {
         Self::copy_out(&staging, bytes, len)
     }
 
-    /// Like [`read`](Self::read), but the wait happens on a helper thread and the returned
-    /// future completes when the data is on the host.
+    /// Like [`read`](Self::read), without blocking and without a helper thread: each time
+    /// the future is polled it polls the device (non-blocking) and, until the data has
+    /// arrived, asks to be polled again. Under a single-threaded executor that is a busy
+    /// wait that keeps yielding; in a browser the event loop drives it.
     pub async fn read_async(
         self: Arc<Self>,
         buffer: &wgpu::Buffer,
+        offset: u64,
         len: usize,
     ) -> Result<Vec<f32>> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let (staging, bytes) = self.stage(buffer, len)?;
-        let (tx, rx) = futures::channel::oneshot::channel();
+        self.refuse_while_recording()?;
+        let (staging, bytes) = self.stage(buffer, offset, len)?;
+        let (tx, mut rx) = futures::channel::oneshot::channel();
         staging
             .slice(..bytes)
             .map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send(r);
             });
         let device = self.device.clone();
-        let poller = std::thread::spawn(move || device.poll(wgpu::PollType::wait_indefinitely()));
-        let mapped = rx.await;
-        let polled = poller.join();
-        match polled {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(Error::DeviceLost(e.to_string())),
-            Err(_) => return Err(Error::Readback("poll thread panicked".into())),
-        }
-        mapped
-            .map_err(|e| Error::Readback(e.to_string()))?
-            .map_err(|e| Error::Readback(e.to_string()))?;
+        let mapped = futures::future::poll_fn(|cx| {
+            if let Err(e) = device.poll(wgpu::PollType::Poll) {
+                return std::task::Poll::Ready(Err(Error::DeviceLost(e.to_string())));
+            }
+            match std::pin::Pin::new(&mut rx).poll(cx) {
+                std::task::Poll::Ready(r) => std::task::Poll::Ready(
+                    r.map_err(|e| Error::Readback(e.to_string()))
+                        .and_then(|r| r.map_err(|e| Error::Readback(e.to_string()))),
+                ),
+                std::task::Poll::Pending => {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                }
+            }
+        })
+        .await;
+        self.check_alive()?;
+        mapped?;
         Self::copy_out(&staging, bytes, len)
     }
 
-    fn stage(&self, buffer: &wgpu::Buffer, len: usize) -> Result<(wgpu::Buffer, u64)> {
+    fn refuse_while_recording(&self) -> Result<()> {
+        if self.is_recording() {
+            return Err(Error::InvalidArgument {
+                op: "to_vec",
+                reason: "reading back inside Context::record: the values exist once the \
+                         caller's encoder is submitted"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn stage(&self, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<(wgpu::Buffer, u64)> {
         let bytes = (len * 4) as u64;
         self.guarded(|| {
             let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -425,7 +523,7 @@ impl GpuContext {
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+            encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, bytes);
             self.queue.submit(Some(encoder.finish()));
             (staging, bytes)
         })

@@ -3,6 +3,7 @@
 //! [`backend`](super::backend).
 
 use super::kernels::{Bind, Family, Params, FLAG_THREAD_PER_CHANNEL, WORKGROUP_SIZE};
+use super::pool::GpuBuffer;
 use crate::error::{Error, Result};
 use crate::shape::View;
 
@@ -244,11 +245,12 @@ impl Plan {
             .collect()
     }
 
-    /// The chunk's slice of a tensor-sized buffer.
-    pub fn part(&self, buffer: &wgpu::Buffer, chunk: &Chunk) -> Bind {
+    /// The chunk's slice of a tensor's buffer (whose values start `buffer.offset` bytes in,
+    /// a multiple of the alignment, so the chunk's slack is the same).
+    pub fn part(&self, buffer: &GpuBuffer, chunk: &Chunk) -> Bind {
         Bind {
-            buffer: buffer.clone(),
-            range: chunk.range,
+            buffer: (**buffer).clone(),
+            range: chunk.range.map(|(at, size)| (at + buffer.offset, size)),
         }
     }
 

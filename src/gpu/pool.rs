@@ -104,15 +104,31 @@ impl BufferPool {
     }
 }
 
-/// A storage buffer that goes back to its pool when dropped.
+/// A storage buffer that goes back to its pool when dropped, or a caller's buffer (with
+/// the byte offset where the tensor starts), which is only borrowed.
 pub(crate) struct GpuBuffer {
     buffer: wgpu::Buffer,
-    pool: Arc<BufferPool>,
+    pool: Option<Arc<BufferPool>>,
+    /// Bytes from the buffer's start to the tensor's first value (0 for pooled buffers).
+    pub offset: u64,
 }
 
 impl GpuBuffer {
     pub fn new(buffer: wgpu::Buffer, pool: Arc<BufferPool>) -> Self {
-        Self { buffer, pool }
+        Self {
+            buffer,
+            pool: Some(pool),
+            offset: 0,
+        }
+    }
+
+    /// A caller's buffer: never pooled.
+    pub fn external(buffer: wgpu::Buffer, offset: u64) -> Self {
+        Self {
+            buffer,
+            pool: None,
+            offset,
+        }
     }
 }
 
@@ -125,7 +141,9 @@ impl Deref for GpuBuffer {
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
-        self.pool.put(self.buffer.clone());
+        if let Some(pool) = &self.pool {
+            pool.put(self.buffer.clone());
+        }
     }
 }
 
