@@ -138,6 +138,24 @@ pub enum Error {
     /// Reading a buffer back failed.
     #[error("reading GPU buffer back failed: {0}")]
     Readback(String),
+
+    /// Another rank of a synchronized layer's group failed its part of a collective step
+    /// (bad input there, or its device failed); the step changed nothing on this rank. `rank`
+    /// is the lowest failing rank; `reason` says what went wrong there (and which other ranks
+    /// failed).
+    #[error("rank {rank} of the group failed: {reason}; nothing changed on this rank")]
+    PeerFailed {
+        /// The lowest failing rank.
+        rank: usize,
+        /// What failed there, and which other ranks failed.
+        reason: String,
+    },
+
+    /// The communicator failed: a rank left the group (its thread panicked or it dropped its
+    /// communicator), a collective timed out, the ranks called mismatched collectives, or
+    /// what arrived cannot be what a rank sent.
+    #[error("communication failed: {0}")]
+    Communication(String),
 }
 
 /// Shorthand used throughout the crate.

@@ -36,6 +36,7 @@ mod backend;
 mod config;
 mod context;
 pub mod cpu;
+pub mod dist;
 mod error;
 mod gpu;
 mod nn;
@@ -44,11 +45,13 @@ mod shape;
 
 pub use config::{BatchNormConfig, Momentum};
 pub use context::{Context, Tensor};
+pub use dist::{Communicator, LocalComm};
 pub use error::{Error, Result};
 pub use gpu::context::{ContextOptions, DeviceTuning, REQUIRED_STORAGE_BUFFERS};
 pub use gpu::kernels::{shader_sources, WORKGROUP_SIZE};
 pub use gpu::plan::Partitioning;
 pub use gpu::pool::MemoryStats;
+pub use nn::SyncBatchNorm;
 pub use nn::{BatchNorm, BatchNormState};
 pub use ops::{
     ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost, RunningStats,
