@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 #[path = "support.rs"]
 mod support;
-use support::{contexts, prepare, Copier, Op, SUITE};
+use support::{bench_name, contexts, prepare, Copier, Op, SUITE};
 
 fn benches(c: &mut Criterion) {
     let ctxs = contexts();
@@ -23,7 +23,7 @@ fn benches(c: &mut Criterion) {
             group.throughput(Throughput::Bytes((numel * op.bytes_per_element()) as u64));
             group.sample_size(10);
             for p in prepared.iter_mut() {
-                let name = p.ctx.name();
+                let name = bench_name(&p.ctx);
                 group.bench_function(name, |b| b.iter_custom(|iters| p.time(op, iters)));
             }
             group.finish();
@@ -33,7 +33,9 @@ fn benches(c: &mut Criterion) {
         group.sample_size(10);
         for ctx in &ctxs {
             let mut copier = Copier::new(ctx, numel * 4);
-            group.bench_function(ctx.name(), |b| b.iter_custom(|iters| copier.time(iters)));
+            group.bench_function(bench_name(ctx), |b| {
+                b.iter_custom(|iters| copier.time(iters))
+            });
         }
         group.finish();
     }

@@ -331,6 +331,17 @@ pub fn median_ms(mut f: impl FnMut(u64) -> Duration, min_reps: usize, min_time: 
     samples[samples.len() / 2]
 }
 
+/// A backend's name in bench ids and tables: "cpu", or "<backend>: <adapter>" without the
+/// driver's version details in parentheses (e.g. "vulkan: llvmpipe"), so that saved
+/// criterion baselines survive a driver update.
+pub fn bench_name(ctx: &Context) -> String {
+    let name = ctx.name();
+    match name.find(" (") {
+        Some(i) => name[..i].to_string(),
+        None => name,
+    }
+}
+
 /// Every backend to measure: the CPU path and each GPU adapter.
 pub fn contexts() -> Vec<Context> {
     let mut all = vec![Context::cpu()];
