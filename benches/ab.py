@@ -28,7 +28,9 @@ def run(binary, extra):
             kernel = float(cells[4])
         except (ValueError, IndexError):
             kernel = None
-        rows[(cells[0], cells[1], cells[2])] = (wall, kernel)
+        # Backend names with or without the driver's version details match.
+        backend = cells[2].split(" (")[0]
+        rows[(cells[0], cells[1], backend)] = (wall, kernel)
     return rows
 
 
