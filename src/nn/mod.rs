@@ -2,6 +2,7 @@
 //! API ([`crate::ops`]), as PyTorch's modules run through `torch.nn.functional`.
 
 mod batch_norm;
+mod state;
 mod sync_batch_norm;
 
 pub use batch_norm::{BatchNorm, BatchNormState};

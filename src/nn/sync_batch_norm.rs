@@ -2,13 +2,14 @@
 //! PyTorch's `nn.SyncBatchNorm`, on any [`Communicator`].
 
 use super::batch_norm::{BatchNorm, BatchNormState};
+use super::state::{channel_tensor, LayerState};
 use crate::config::BatchNormConfig;
 use crate::context::{Context, Tensor};
 use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::ops::{
     self, ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost,
-    RunningStats, SavedStats,
+    SavedStats,
 };
 
 /// Values ahead of the statistics in each rank's part of the forward all-gather.
@@ -91,51 +92,24 @@ const HEADER: usize = 4;
 /// assert!((y[0][0] + 1.0 / 3f32.sqrt()).abs() < 1e-4);
 /// ```
 pub struct SyncBatchNorm<C: Communicator> {
-    ctx: Context,
-    config: BatchNormConfig,
+    state: LayerState,
     comm: C,
     sync_affine_grads: bool,
-    training: bool,
-    num_batches_tracked: u64,
-    weight: Option<Tensor>,
-    bias: Option<Tensor>,
-    running_mean: Option<Tensor>,
-    running_var: Option<Tensor>,
 }
 
 impl<C: Communicator> std::fmt::Debug for SyncBatchNorm<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.state;
         f.debug_struct("SyncBatchNorm")
-            .field("context", &self.ctx)
-            .field("config", &self.config)
+            .field("context", &s.ctx)
+            .field("config", &s.config)
             .field("rank", &self.comm.rank())
             .field("world_size", &self.comm.world_size())
             .field("sync_affine_grads", &self.sync_affine_grads)
-            .field("training", &self.training)
-            .field("num_batches_tracked", &self.num_batches_tracked)
+            .field("training", &s.training)
+            .field("num_batches_tracked", &s.num_batches_tracked)
             .finish()
     }
-}
-
-/// The running statistics to update in place, when tracked.
-fn running<'a>(
-    mean: &'a mut Option<Tensor>,
-    var: &'a mut Option<Tensor>,
-    momentum: f32,
-) -> Option<RunningStats<'a>> {
-    match (mean, var) {
-        (Some(mean), Some(var)) => Some(RunningStats {
-            mean,
-            var,
-            momentum,
-        }),
-        _ => None,
-    }
-}
-
-/// A per-channel tensor holding `values`.
-fn channel_tensor(ctx: &Context, values: &[f32]) -> Result<Tensor> {
-    ctx.tensor_from_slice(values, &[values.len()])
 }
 
 // ---- the status a rank sends with its part ----
@@ -260,19 +234,10 @@ impl<C: Communicator> SyncBatchNorm<C> {
                 ),
             });
         }
-        let c = config.num_features;
-        let filled = |on: bool, v: f32| on.then(|| channel_tensor(ctx, &vec![v; c])).transpose();
         Ok(Self {
-            ctx: ctx.clone(),
-            config,
+            state: LayerState::new(ctx, config)?,
             comm,
             sync_affine_grads: false,
-            training: true,
-            num_batches_tracked: 0,
-            weight: filled(config.affine, 1.0)?,
-            bias: filled(config.affine, 0.0)?,
-            running_mean: filled(config.track_running_stats, 0.0)?,
-            running_var: filled(config.track_running_stats, 1.0)?,
         })
     }
 
@@ -281,7 +246,7 @@ impl<C: Communicator> SyncBatchNorm<C> {
     pub fn from_batch_norm(bn: &BatchNorm, comm: C) -> Result<Self> {
         let mut out = Self::new(bn.context(), *bn.config(), comm)?;
         out.load_state(&bn.state()?)?;
-        out.training = bn.is_training();
+        out.state.training = bn.is_training();
         Ok(out)
     }
 
@@ -322,8 +287,8 @@ impl<C: Communicator> SyncBatchNorm<C> {
         if !self.synchronizes() {
             return (0, 0);
         }
-        let c = self.config.num_features;
-        let params = if self.sync_affine_grads && self.config.affine {
+        let c = self.state.config.num_features;
+        let params = if self.sync_affine_grads && self.state.config.affine {
             2 * c
         } else {
             0
@@ -337,34 +302,34 @@ impl<C: Communicator> SyncBatchNorm<C> {
 
     /// The configuration.
     pub fn config(&self) -> &BatchNormConfig {
-        &self.config
+        &self.state.config
     }
 
     /// The context the layer lives in.
     pub fn context(&self) -> &Context {
-        &self.ctx
+        &self.state.ctx
     }
 
     /// Switches to training mode (global batch statistics, running statistics updated).
     pub fn train(&mut self) {
-        self.training = true;
+        self.state.training = true;
     }
 
     /// Switches to inference mode: local, no communication (running statistics, when
     /// tracked; else each rank's own batch statistics, as PyTorch).
     pub fn eval(&mut self) {
-        self.training = false;
+        self.state.training = false;
     }
 
     /// Whether the layer is in training mode.
     pub fn is_training(&self) -> bool {
-        self.training
+        self.state.training
     }
 
     /// Forward in the current mode ([`forward_train`](Self::forward_train) or
     /// [`forward_eval`](Self::forward_eval)).
     pub fn forward(&mut self, x: &Tensor) -> Result<ForwardOutput> {
-        if self.training {
+        if self.state.training {
             self.forward_train(x)
         } else {
             self.forward_eval(x)
@@ -376,23 +341,12 @@ impl<C: Communicator> SyncBatchNorm<C> {
     /// `num_batches_tracked` and update them with the global unbiased variance, the same on
     /// every rank. In a group of one rank, [`BatchNorm::forward_train`].
     pub fn forward_train(&mut self, x: &Tensor) -> Result<ForwardOutput> {
-        let nbt = self
-            .num_batches_tracked
-            .saturating_add(self.config.track_running_stats as u64);
-        let momentum = self.config.momentum.factor(nbt);
         if !self.synchronizes() {
-            self.ctx.check_same("input tensor", x.context().id())?;
-            self.config.check_input(x.shape(), true)?;
-            let running = running(&mut self.running_mean, &mut self.running_var, momentum);
-            let (w, b) = (self.weight.as_ref(), self.bias.as_ref());
-            let (y, saved) = ops::forward(x, running, w, b, true, self.config.eps, true)?;
-            self.num_batches_tracked = nbt;
-            return Ok(ForwardOutput {
-                y: y.expect("y was asked for"),
-                saved,
-            });
+            return self.state.forward_train(x);
         }
-        let c = self.config.num_features;
+        let nbt = self.state.next_num_batches_tracked();
+        let momentum = self.state.config.momentum.factor(nbt);
+        let c = self.state.config.num_features;
         let world = self.world_size();
 
         // This rank's part, or why it has none, in its row of the all-gather.
@@ -436,20 +390,24 @@ impl<C: Communicator> SyncBatchNorm<C> {
         if merged.count == 1 {
             return Err(Error::TooFewValuesPerChannel { shape: vec![1, c] });
         }
-        let moments = Moments::from_host(&self.ctx, &merged)?;
-        let eps = self.config.eps;
-        let running = running(&mut self.running_mean, &mut self.running_var, momentum);
+        let moments = Moments::from_host(&self.state.ctx, &merged)?;
+        let eps = self.state.config.eps;
+        let running = self.state.running_mut(momentum);
         let saved = ops::batch_norm_gather_stats(&[moments], eps, running)?;
-        let y = ops::batch_norm_elemt(x, &saved, self.weight.as_ref(), self.bias.as_ref())?;
-        self.num_batches_tracked = nbt;
+        let y = ops::batch_norm_elemt(
+            x,
+            &saved,
+            self.state.weight.as_ref(),
+            self.state.bias.as_ref(),
+        )?;
+        self.state.num_batches_tracked = nbt;
         Ok(ForwardOutput { y, saved })
     }
 
     /// This rank's moments, after the checks a forward makes (a single value is fine here:
     /// only the global batch must hold more).
     fn local_moments(&self, x: &Tensor) -> Result<MomentsHost> {
-        self.ctx.check_same("input tensor", x.context().id())?;
-        self.config.check_input(x.shape(), false)?;
+        self.state.check_input(x, false)?;
         ops::batch_norm_stats(x)?.to_host()
     }
 
@@ -457,28 +415,7 @@ impl<C: Communicator> SyncBatchNorm<C> {
     /// statistics (this rank's batch statistics when they are not tracked). Changes no
     /// state.
     pub fn forward_eval(&self, x: &Tensor) -> Result<ForwardOutput> {
-        let (y, saved) = self.eval_impl(x, true)?;
-        Ok(ForwardOutput {
-            y: y.expect("y was asked for"),
-            saved,
-        })
-    }
-
-    fn eval_impl(&self, x: &Tensor, with_y: bool) -> Result<(Option<Tensor>, SavedStats)> {
-        let batch_stats = self.config.uses_batch_stats(false);
-        self.ctx.check_same("input tensor", x.context().id())?;
-        self.config.check_input(x.shape(), batch_stats)?;
-        let mut running = (self.running_mean.clone(), self.running_var.clone());
-        let running = match (&mut running.0, &mut running.1) {
-            (Some(mean), Some(var)) if !batch_stats => Some(RunningStats {
-                mean,
-                var,
-                momentum: 0.0,
-            }),
-            _ => None,
-        };
-        let (w, b) = (self.weight.as_ref(), self.bias.as_ref());
-        ops::forward(x, running, w, b, batch_stats, self.config.eps, with_y)
+        self.state.forward_eval(x)
     }
 
     /// Backward of the forward that produced `saved` from `x`: dx, dγ, dβ of Σ y·dy. In
@@ -492,13 +429,7 @@ impl<C: Communicator> SyncBatchNorm<C> {
     /// Inference-mode backward with the current running statistics as constants
     /// (fine-tuning with frozen statistics): dx = dy·γ·invstd_running. Local.
     pub fn backward_eval(&mut self, dy: &Tensor, x: &Tensor) -> Result<Gradients> {
-        if !self.config.track_running_stats {
-            return Err(Error::NoRunningStats {
-                op: "backward_eval",
-            });
-        }
-        let (_, saved) = self.eval_impl(x, false)?;
-        self.local_backward(dy, x, &saved, GradMask::ALL)
+        self.state.backward_eval(dy, x)
     }
 
     /// [`backward`](Self::backward) computing only what `mask` asks for (the same mask on
@@ -511,21 +442,20 @@ impl<C: Communicator> SyncBatchNorm<C> {
         saved: &SavedStats,
         mask: GradMask,
     ) -> Result<Gradients> {
-        let affine = self.config.affine;
-        let mask = GradMask {
-            input: mask.input,
-            weight: affine && mask.weight,
-            bias: affine && mask.bias,
-        };
+        let mask = self.state.affine_mask(mask);
         let sync_params = self.sync_affine_grads && (mask.weight || mask.bias);
-        if !(self.synchronizes() && self.training && saved.is_batch_stats())
+        if !(self.synchronizes() && self.state.training && saved.is_batch_stats())
             || !(mask.input || sync_params)
         {
             // Local: no rank waits on this one. (dγ and dβ of a synchronized forward need
             // only this rank's part.)
-            return self.local_backward(dy, x, saved, mask);
+            return self.state.local_backward(dy, x, saved, mask);
         }
-        let (c, world, rank) = (self.config.num_features, self.world_size(), self.rank());
+        let (c, world, rank) = (
+            self.state.config.num_features,
+            self.world_size(),
+            self.rank(),
+        );
 
         let local = self.local_grad_sums(dy, x, saved, mask, sync_params);
         let params = if sync_params { 2 * c } else { 0 };
@@ -566,8 +496,8 @@ impl<C: Communicator> SyncBatchNorm<C> {
                 sum_dy: sum[at..at + c].to_vec(),
                 sum_dy_xmu: sum[at + c..at + 2 * c].to_vec(),
             };
-            let sums = GradSums::from_host(&self.ctx, &global)?;
-            let w = self.weight.as_ref();
+            let sums = GradSums::from_host(&self.state.ctx, &global)?;
+            let w = self.state.weight.as_ref();
             Some(ops::batch_norm_backward_elemt(
                 dy, x, saved, w, &sums, total,
             )?)
@@ -581,7 +511,7 @@ impl<C: Communicator> SyncBatchNorm<C> {
                         .iter()
                         .map(|&v| v as f32)
                         .collect();
-                    channel_tensor(&self.ctx, &v)
+                    channel_tensor(&self.state.ctx, &v)
                 })
                 .transpose()
             };
@@ -601,7 +531,7 @@ impl<C: Communicator> SyncBatchNorm<C> {
         mask: GradMask,
         sync_params: bool,
     ) -> Result<LocalGradSums> {
-        self.check_backward_args(dy, x, saved)?;
+        self.state.check_backward_args(dy, x, saved)?;
         let sums = ops::batch_norm_backward_reduce(dy, x, saved, mask)?;
         let host = sums.to_host()?;
         let read = |t: Option<&Tensor>| match t {
@@ -617,252 +547,103 @@ impl<C: Communicator> SyncBatchNorm<C> {
         })
     }
 
-    fn check_backward_args(&self, dy: &Tensor, x: &Tensor, saved: &SavedStats) -> Result<()> {
-        self.ctx.check_same("x", x.context().id())?;
-        self.ctx.check_same("dy", dy.context().id())?;
-        self.ctx
-            .check_same("saved statistics", saved.context().id())?;
-        self.config.check_input(x.shape(), false)
-    }
-
-    fn local_backward(
-        &self,
-        dy: &Tensor,
-        x: &Tensor,
-        saved: &SavedStats,
-        mask: GradMask,
-    ) -> Result<Gradients> {
-        self.check_backward_args(dy, x, saved)?;
-        let affine = self.config.affine;
-        let mask = GradMask {
-            input: mask.input,
-            weight: affine && mask.weight,
-            bias: affine && mask.bias,
-        };
-        ops::batch_norm_backward(dy, x, saved, self.weight.as_ref(), mask)
-    }
-
     // ---- state access: as BatchNorm's ----
-
-    fn require(&self, has: bool, name: &'static str) -> Result<()> {
-        if has {
-            Ok(())
-        } else {
-            Err(Error::NoSuchParameter {
-                name,
-                because: if matches!(name, "weight" | "bias") {
-                    "affine = false"
-                } else {
-                    "track_running_stats = false"
-                },
-            })
-        }
-    }
-
-    fn check_len(&self, name: &'static str, values: &[f32]) -> Result<()> {
-        let c = self.config.num_features;
-        if values.len() != c {
-            return Err(Error::ParameterLength {
-                name,
-                expected: c,
-                got: values.len(),
-            });
-        }
-        Ok(())
-    }
-
-    fn read(t: &Option<Tensor>) -> Result<Option<Vec<f32>>> {
-        t.as_ref().map(Tensor::to_vec).transpose()
-    }
 
     /// γ (`weight`), or `None` without `affine`.
     pub fn weight(&self) -> Result<Option<Vec<f32>>> {
-        Self::read(&self.weight)
+        self.state.weight()
     }
 
     /// β (`bias`), or `None` without `affine`.
     pub fn bias(&self) -> Result<Option<Vec<f32>>> {
-        Self::read(&self.bias)
+        self.state.bias()
     }
 
     /// Running mean, or `None` without `track_running_stats`.
     pub fn running_mean(&self) -> Result<Option<Vec<f32>>> {
-        Self::read(&self.running_mean)
+        self.state.running_mean()
     }
 
     /// Running (unbiased) variance, or `None` without `track_running_stats`.
     pub fn running_var(&self) -> Result<Option<Vec<f32>>> {
-        Self::read(&self.running_var)
+        self.state.running_var()
     }
 
     /// γ as a tensor on the device, or `None` without `affine`.
     pub fn weight_tensor(&self) -> Option<&Tensor> {
-        self.weight.as_ref()
+        self.state.weight.as_ref()
     }
 
     /// β as a tensor on the device, or `None` without `affine`.
     pub fn bias_tensor(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+        self.state.bias.as_ref()
     }
 
     /// The running mean as a tensor on the device, or `None` without `track_running_stats`.
     /// A clone keeps its values: the next training forward gives the layer fresh storage.
     pub fn running_mean_tensor(&self) -> Option<&Tensor> {
-        self.running_mean.as_ref()
+        self.state.running_mean.as_ref()
     }
 
     /// The running variance as a tensor on the device, or `None` without
     /// `track_running_stats`.
     pub fn running_var_tensor(&self) -> Option<&Tensor> {
-        self.running_var.as_ref()
+        self.state.running_var.as_ref()
     }
 
     /// Training forwards seen, or `None` without `track_running_stats`.
     pub fn num_batches_tracked(&self) -> Option<u64> {
-        self.config
-            .track_running_stats
-            .then_some(self.num_batches_tracked)
-    }
-
-    fn set(&mut self, slot: usize, name: &'static str, values: &[f32]) -> Result<()> {
-        let has = if slot < 2 {
-            self.config.affine
-        } else {
-            self.config.track_running_stats
-        };
-        self.require(has, name)?;
-        self.check_len(name, values)?;
-        let t = channel_tensor(&self.ctx, values)?;
-        *[
-            &mut self.weight,
-            &mut self.bias,
-            &mut self.running_mean,
-            &mut self.running_var,
-        ][slot] = Some(t);
-        Ok(())
+        self.state.num_batches_tracked()
     }
 
     /// Sets γ. Fails without `affine` or with a length ≠ `num_features`.
     pub fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
-        self.set(0, "weight", weight)
+        self.state.set_weight(weight)
     }
 
     /// Sets β. Fails without `affine` or with a length ≠ `num_features`.
     pub fn set_bias(&mut self, bias: &[f32]) -> Result<()> {
-        self.set(1, "bias", bias)
+        self.state.set_bias(bias)
     }
 
     /// Sets the running mean. Fails without `track_running_stats` or with a wrong length.
     pub fn set_running_mean(&mut self, mean: &[f32]) -> Result<()> {
-        self.set(2, "running_mean", mean)
+        self.state.set_running_mean(mean)
     }
 
     /// Sets the running variance. Fails without `track_running_stats` or with a wrong length.
     pub fn set_running_var(&mut self, var: &[f32]) -> Result<()> {
-        self.set(3, "running_var", var)
+        self.state.set_running_var(var)
     }
 
     /// Sets `num_batches_tracked` (it drives `momentum = None`).
     pub fn set_num_batches_tracked(&mut self, n: u64) -> Result<()> {
-        self.require(self.config.track_running_stats, "num_batches_tracked")?;
-        self.num_batches_tracked = n;
-        Ok(())
+        self.state.set_num_batches_tracked(n)
     }
 
     /// Replaces γ with a tensor already on the device (e.g. after an optimizer step), shape
     /// (C), same context. Fails without `affine`.
     pub fn set_weight_tensor(&mut self, weight: Tensor) -> Result<()> {
-        self.set_tensor(0, "weight", weight)
+        self.state.set_weight_tensor(weight)
     }
 
     /// Replaces β with a tensor already on the device, shape (C), same context.
     pub fn set_bias_tensor(&mut self, bias: Tensor) -> Result<()> {
-        self.set_tensor(1, "bias", bias)
-    }
-
-    fn set_tensor(&mut self, slot: usize, name: &'static str, t: Tensor) -> Result<()> {
-        self.require(self.config.affine, name)?;
-        self.ctx.check_same(name, t.context().id())?;
-        let c = self.config.num_features;
-        if t.dims() != [c] {
-            return Err(Error::ShapeMismatch {
-                what: "per-channel tensors are 1-D with num_features values",
-                expected: vec![c],
-                got: t.dims().to_vec(),
-            });
-        }
-        *[&mut self.weight, &mut self.bias][slot] = Some(t);
-        Ok(())
+        self.state.set_bias_tensor(bias)
     }
 
     /// The whole state in host memory (one readback per tensor), in [`BatchNorm`]'s form.
     pub fn state(&self) -> Result<BatchNormState> {
-        Ok(BatchNormState {
-            weight: self.weight()?,
-            bias: self.bias()?,
-            running_mean: self.running_mean()?,
-            running_var: self.running_var()?,
-            num_batches_tracked: self.num_batches_tracked(),
-        })
+        self.state.state()
     }
 
     /// Sets the whole state at once (loading a checkpoint): every entry is checked first —
     /// present exactly where the configuration has it, `num_features` values — and nothing
     /// changes unless all are right. Local.
     pub fn load_state(&mut self, state: &BatchNormState) -> Result<()> {
-        let entries = [
-            ("weight", &state.weight, self.config.affine),
-            ("bias", &state.bias, self.config.affine),
-            (
-                "running_mean",
-                &state.running_mean,
-                self.config.track_running_stats,
-            ),
-            (
-                "running_var",
-                &state.running_var,
-                self.config.track_running_stats,
-            ),
-        ];
-        for (name, values, has) in entries {
-            match values {
-                Some(v) => {
-                    self.require(has, name)?;
-                    self.check_len(name, v)?;
-                }
-                None if has => {
-                    return Err(Error::InvalidArgument {
-                        op: "load_state",
-                        reason: format!("the state has no {name}, which this layer has"),
-                    })
-                }
-                None => {}
-            }
-        }
-        match state.num_batches_tracked {
-            Some(_) => self.require(self.config.track_running_stats, "num_batches_tracked")?,
-            None if self.config.track_running_stats => {
-                return Err(Error::InvalidArgument {
-                    op: "load_state",
-                    reason: "the state has no num_batches_tracked, which this layer tracks".into(),
-                })
-            }
-            None => {}
-        }
-        let upload =
-            |v: &Option<Vec<f32>>| v.as_ref().map(|v| channel_tensor(&self.ctx, v)).transpose();
-        let tensors = (
-            upload(&state.weight)?,
-            upload(&state.bias)?,
-            upload(&state.running_mean)?,
-            upload(&state.running_var)?,
-        );
-        (self.weight, self.bias, self.running_mean, self.running_var) = tensors;
-        self.num_batches_tracked = state.num_batches_tracked.unwrap_or(0);
-        Ok(())
+        self.state.load_state(state)
     }
 }
-
 /// This rank's part of a synchronized backward.
 struct LocalGradSums {
     /// Values per channel in this rank's x.

@@ -1,0 +1,357 @@
+//! [`LayerState`]: what [`BatchNorm`](super::BatchNorm) and
+//! [`SyncBatchNorm`](super::SyncBatchNorm) hold alike — context, configuration, mode, γ, β,
+//! the running statistics and `num_batches_tracked` — with the state access and the local
+//! forward and backward both layers run.
+
+use super::batch_norm::BatchNormState;
+use crate::config::BatchNormConfig;
+use crate::context::{Context, Tensor};
+use crate::error::{Error, Result};
+use crate::ops::{self, ForwardOutput, GradMask, Gradients, RunningStats, SavedStats};
+
+/// A layer's state and mode. The layers' public state methods delegate here.
+pub(crate) struct LayerState {
+    pub(crate) ctx: Context,
+    pub(crate) config: BatchNormConfig,
+    pub(crate) training: bool,
+    pub(crate) num_batches_tracked: u64,
+    pub(crate) weight: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) running_mean: Option<Tensor>,
+    pub(crate) running_var: Option<Tensor>,
+}
+
+/// A per-channel tensor holding `values`.
+pub(crate) fn channel_tensor(ctx: &Context, values: &[f32]) -> Result<Tensor> {
+    ctx.tensor_from_slice(values, &[values.len()])
+}
+
+/// The running statistics to update in place, when tracked.
+fn running<'a>(
+    mean: &'a mut Option<Tensor>,
+    var: &'a mut Option<Tensor>,
+    momentum: f32,
+) -> Option<RunningStats<'a>> {
+    match (mean, var) {
+        (Some(mean), Some(var)) => Some(RunningStats {
+            mean,
+            var,
+            momentum,
+        }),
+        _ => None,
+    }
+}
+
+fn read(t: &Option<Tensor>) -> Result<Option<Vec<f32>>> {
+    t.as_ref().map(Tensor::to_vec).transpose()
+}
+
+impl LayerState {
+    /// PyTorch's initial state: γ = 1, β = 0, running mean 0, running var 1,
+    /// `num_batches_tracked` 0, training mode. Validates `config` first.
+    pub(crate) fn new(ctx: &Context, config: BatchNormConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config.num_features;
+        let filled = |on: bool, v: f32| on.then(|| channel_tensor(ctx, &vec![v; c])).transpose();
+        Ok(Self {
+            ctx: ctx.clone(),
+            config,
+            training: true,
+            num_batches_tracked: 0,
+            weight: filled(config.affine, 1.0)?,
+            bias: filled(config.affine, 0.0)?,
+            running_mean: filled(config.track_running_stats, 0.0)?,
+            running_var: filled(config.track_running_stats, 1.0)?,
+        })
+    }
+
+    // ---- forward and backward, local ----
+
+    /// `num_batches_tracked` after one more training forward.
+    pub(crate) fn next_num_batches_tracked(&self) -> u64 {
+        self.num_batches_tracked
+            .saturating_add(self.config.track_running_stats as u64)
+    }
+
+    /// The running statistics to update in place with `momentum`, when tracked.
+    pub(crate) fn running_mut(&mut self, momentum: f32) -> Option<RunningStats<'_>> {
+        running(&mut self.running_mean, &mut self.running_var, momentum)
+    }
+
+    pub(crate) fn check_input(&self, x: &Tensor, batch_stats: bool) -> Result<()> {
+        self.ctx.check_same("input tensor", x.context().id())?;
+        self.config.check_input(x.shape(), batch_stats)
+    }
+
+    /// The training-mode forward of a single process ([`BatchNorm::forward_train`](
+    /// super::BatchNorm::forward_train)).
+    pub(crate) fn forward_train(&mut self, x: &Tensor) -> Result<ForwardOutput> {
+        self.check_input(x, true)?;
+        let nbt = self.next_num_batches_tracked();
+        let momentum = self.config.momentum.factor(nbt);
+        let running = running(&mut self.running_mean, &mut self.running_var, momentum);
+        let (w, b) = (self.weight.as_ref(), self.bias.as_ref());
+        let (y, saved) = ops::forward(x, running, w, b, true, self.config.eps, true)?;
+        self.num_batches_tracked = nbt;
+        Ok(ForwardOutput {
+            y: y.expect("y was asked for"),
+            saved,
+        })
+    }
+
+    /// The inference-mode forward (y only when `with_y`). Changes no state.
+    pub(crate) fn eval_impl(
+        &self,
+        x: &Tensor,
+        with_y: bool,
+    ) -> Result<(Option<Tensor>, SavedStats)> {
+        let batch_stats = self.config.uses_batch_stats(false);
+        self.check_input(x, batch_stats)?;
+        let mut running = (self.running_mean.clone(), self.running_var.clone());
+        let running = match (&mut running.0, &mut running.1) {
+            (Some(mean), Some(var)) if !batch_stats => Some(RunningStats {
+                mean,
+                var,
+                momentum: 0.0,
+            }),
+            _ => None,
+        };
+        let (w, b) = (self.weight.as_ref(), self.bias.as_ref());
+        ops::forward(x, running, w, b, batch_stats, self.config.eps, with_y)
+    }
+
+    /// [`eval_impl`](Self::eval_impl) with y, as a [`ForwardOutput`].
+    pub(crate) fn forward_eval(&self, x: &Tensor) -> Result<ForwardOutput> {
+        let (y, saved) = self.eval_impl(x, true)?;
+        Ok(ForwardOutput {
+            y: y.expect("y was asked for"),
+            saved,
+        })
+    }
+
+    pub(crate) fn check_backward_args(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &SavedStats,
+    ) -> Result<()> {
+        self.ctx.check_same("x", x.context().id())?;
+        self.ctx.check_same("dy", dy.context().id())?;
+        self.ctx
+            .check_same("saved statistics", saved.context().id())?;
+        self.config.check_input(x.shape(), false)
+    }
+
+    /// `mask` without dγ and dβ when the layer has no `affine`.
+    pub(crate) fn affine_mask(&self, mask: GradMask) -> GradMask {
+        let affine = self.config.affine;
+        GradMask {
+            input: mask.input,
+            weight: affine && mask.weight,
+            bias: affine && mask.bias,
+        }
+    }
+
+    /// The backward of a single process ([`BatchNorm::backward_with_mask`](
+    /// super::BatchNorm::backward_with_mask)).
+    pub(crate) fn local_backward(
+        &self,
+        dy: &Tensor,
+        x: &Tensor,
+        saved: &SavedStats,
+        mask: GradMask,
+    ) -> Result<Gradients> {
+        self.check_backward_args(dy, x, saved)?;
+        let mask = self.affine_mask(mask);
+        ops::batch_norm_backward(dy, x, saved, self.weight.as_ref(), mask)
+    }
+
+    /// The inference-mode backward with the running statistics as constants.
+    pub(crate) fn backward_eval(&self, dy: &Tensor, x: &Tensor) -> Result<Gradients> {
+        if !self.config.track_running_stats {
+            return Err(Error::NoRunningStats {
+                op: "backward_eval",
+            });
+        }
+        // The frozen statistics, in the form an inference forward saves them (no y pass).
+        let (_, saved) = self.eval_impl(x, false)?;
+        self.local_backward(dy, x, &saved, GradMask::ALL)
+    }
+
+    // ---- state access (load a PyTorch state dict, inspect training) ----
+
+    fn require(&self, has: bool, name: &'static str) -> Result<()> {
+        if has {
+            Ok(())
+        } else {
+            Err(Error::NoSuchParameter {
+                name,
+                because: if matches!(name, "weight" | "bias") {
+                    "affine = false"
+                } else {
+                    "track_running_stats = false"
+                },
+            })
+        }
+    }
+
+    fn check_len(&self, name: &'static str, values: &[f32]) -> Result<()> {
+        let c = self.config.num_features;
+        if values.len() != c {
+            return Err(Error::ParameterLength {
+                name,
+                expected: c,
+                got: values.len(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn weight(&self) -> Result<Option<Vec<f32>>> {
+        read(&self.weight)
+    }
+
+    pub(crate) fn bias(&self) -> Result<Option<Vec<f32>>> {
+        read(&self.bias)
+    }
+
+    pub(crate) fn running_mean(&self) -> Result<Option<Vec<f32>>> {
+        read(&self.running_mean)
+    }
+
+    pub(crate) fn running_var(&self) -> Result<Option<Vec<f32>>> {
+        read(&self.running_var)
+    }
+
+    pub(crate) fn num_batches_tracked(&self) -> Option<u64> {
+        self.config
+            .track_running_stats
+            .then_some(self.num_batches_tracked)
+    }
+
+    fn set(&mut self, slot: usize, name: &'static str, values: &[f32]) -> Result<()> {
+        let has = if slot < 2 {
+            self.config.affine
+        } else {
+            self.config.track_running_stats
+        };
+        self.require(has, name)?;
+        self.check_len(name, values)?;
+        let t = channel_tensor(&self.ctx, values)?;
+        *[
+            &mut self.weight,
+            &mut self.bias,
+            &mut self.running_mean,
+            &mut self.running_var,
+        ][slot] = Some(t);
+        Ok(())
+    }
+
+    pub(crate) fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
+        self.set(0, "weight", weight)
+    }
+
+    pub(crate) fn set_bias(&mut self, bias: &[f32]) -> Result<()> {
+        self.set(1, "bias", bias)
+    }
+
+    pub(crate) fn set_running_mean(&mut self, mean: &[f32]) -> Result<()> {
+        self.set(2, "running_mean", mean)
+    }
+
+    pub(crate) fn set_running_var(&mut self, var: &[f32]) -> Result<()> {
+        self.set(3, "running_var", var)
+    }
+
+    pub(crate) fn set_num_batches_tracked(&mut self, n: u64) -> Result<()> {
+        self.require(self.config.track_running_stats, "num_batches_tracked")?;
+        self.num_batches_tracked = n;
+        Ok(())
+    }
+
+    pub(crate) fn set_weight_tensor(&mut self, weight: Tensor) -> Result<()> {
+        self.set_tensor(0, "weight", weight)
+    }
+
+    pub(crate) fn set_bias_tensor(&mut self, bias: Tensor) -> Result<()> {
+        self.set_tensor(1, "bias", bias)
+    }
+
+    fn set_tensor(&mut self, slot: usize, name: &'static str, t: Tensor) -> Result<()> {
+        self.require(self.config.affine, name)?;
+        self.ctx.check_same(name, t.context().id())?;
+        let c = self.config.num_features;
+        if t.dims() != [c] {
+            return Err(Error::ShapeMismatch {
+                what: "per-channel tensors are 1-D with num_features values",
+                expected: vec![c],
+                got: t.dims().to_vec(),
+            });
+        }
+        *[&mut self.weight, &mut self.bias][slot] = Some(t);
+        Ok(())
+    }
+
+    pub(crate) fn state(&self) -> Result<BatchNormState> {
+        Ok(BatchNormState {
+            weight: self.weight()?,
+            bias: self.bias()?,
+            running_mean: self.running_mean()?,
+            running_var: self.running_var()?,
+            num_batches_tracked: self.num_batches_tracked(),
+        })
+    }
+
+    pub(crate) fn load_state(&mut self, state: &BatchNormState) -> Result<()> {
+        let entries = [
+            ("weight", &state.weight, self.config.affine),
+            ("bias", &state.bias, self.config.affine),
+            (
+                "running_mean",
+                &state.running_mean,
+                self.config.track_running_stats,
+            ),
+            (
+                "running_var",
+                &state.running_var,
+                self.config.track_running_stats,
+            ),
+        ];
+        for (name, values, has) in entries {
+            match values {
+                Some(v) => {
+                    self.require(has, name)?;
+                    self.check_len(name, v)?;
+                }
+                None if has => {
+                    return Err(Error::InvalidArgument {
+                        op: "load_state",
+                        reason: format!("the state has no {name}, which this layer has"),
+                    })
+                }
+                None => {}
+            }
+        }
+        match state.num_batches_tracked {
+            Some(_) => self.require(self.config.track_running_stats, "num_batches_tracked")?,
+            None if self.config.track_running_stats => {
+                return Err(Error::InvalidArgument {
+                    op: "load_state",
+                    reason: "the state has no num_batches_tracked, which this layer tracks".into(),
+                })
+            }
+            None => {}
+        }
+        let upload =
+            |v: &Option<Vec<f32>>| v.as_ref().map(|v| channel_tensor(&self.ctx, v)).transpose();
+        let tensors = (
+            upload(&state.weight)?,
+            upload(&state.bias)?,
+            upload(&state.running_mean)?,
+            upload(&state.running_var)?,
+        );
+        (self.weight, self.bias, self.running_mean, self.running_var) = tensors;
+        self.num_batches_tracked = state.num_batches_tracked.unwrap_or(0);
+        Ok(())
+    }
+}
