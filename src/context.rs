@@ -168,7 +168,8 @@ impl Context {
         self.inner.id
     }
 
-    /// "cpu", or "<backend>: <adapter name>" (e.g. "vulkan: llvmpipe (LLVM 15.0.6, 256 bits)").
+    /// `"cpu"`, or `"<backend>: <adapter name>"`
+    /// (e.g. `"vulkan: llvmpipe (LLVM 15.0.6, 256 bits)"`).
     pub fn name(&self) -> String {
         match &self.inner.backend {
             Backend::Cpu => "cpu".into(),

@@ -11,36 +11,51 @@ use thiserror::Error;
 pub enum Error {
     /// Batch norm needs (N, C, ...) input: rank 2 to 5.
     #[error("expected a 2D to 5D input (N, C, ...), got shape {shape:?} of rank {}", shape.len())]
-    InvalidRank { shape: Vec<usize> },
+    InvalidRank {
+        /// The input's dims.
+        shape: Vec<usize>,
+    },
 
     /// The input's channel count differs from the module's `num_features`.
     #[error("running_mean should contain {got} elements not {expected} (input shape {shape:?} has {got} channels, the module num_features = {expected})")]
     ChannelMismatch {
+        /// The channel count the module or operation expects.
         expected: usize,
+        /// The channel count the input has.
         got: usize,
+        /// The input's dims (N, C, ...); `[count, C]` for moments being gathered.
         shape: Vec<usize>,
     },
 
     /// A per-channel parameter (γ, β, running mean or variance) has the wrong length.
     #[error("{name} should contain {expected} elements, got {got}")]
     ParameterLength {
+        /// The parameter's name (`weight`, `bias`, `running_mean`, ...).
         name: &'static str,
+        /// The number of elements it must have: one per channel.
         expected: usize,
+        /// The number of elements it has.
         got: usize,
     },
 
     /// Data handed to a tensor constructor does not match its shape.
     #[error("shape {shape:?} holds {expected} elements but {got} were given")]
     DataLength {
+        /// The tensor's dims.
         shape: Vec<usize>,
+        /// The element count of `shape`.
         expected: usize,
+        /// The number of values given.
         got: usize,
     },
 
     /// Training needs at least two values per channel (PyTorch's
     /// "Expected more than 1 value per channel when training").
     #[error("Expected more than 1 value per channel when training, got input size {shape:?}")]
-    TooFewValuesPerChannel { shape: Vec<usize> },
+    TooFewValuesPerChannel {
+        /// The input's dims (N, C, ...); `[1, C]` for a batch merged across parts or ranks.
+        shape: Vec<usize>,
+    },
 
     /// `eps` must be finite and > 0.
     #[error("eps must be finite and > 0, got {0}")]
@@ -57,24 +72,33 @@ pub enum Error {
     /// Two tensors (or a tensor and a module) that must agree in shape do not.
     #[error("{what}: expected shape {expected:?}, got {got:?}")]
     ShapeMismatch {
+        /// Which tensor, and the rule it breaks.
         what: &'static str,
+        /// The dims it must have.
         expected: Vec<usize>,
+        /// The dims it has.
         got: Vec<usize>,
     },
 
     /// Saved statistics handed to the backward were not produced for this input.
     #[error("saved statistics are for {expected_channels} channels of an input of shape {expected_shape:?}, not for shape {got:?}")]
     SavedStatsMismatch {
+        /// The channel count the statistics were saved for.
         expected_channels: usize,
+        /// The dims of the input they were saved for (`[0, C]` when they record none).
         expected_shape: Vec<usize>,
+        /// The dims of the input handed to the backward.
         got: Vec<usize>,
     },
 
     /// A tensor or saved statistics from another [`Context`](crate::Context).
     #[error("{what} belongs to context #{got}, but this operation runs on context #{expected}")]
     ContextMismatch {
+        /// What came from the other context.
         what: &'static str,
+        /// The id ([`Context::id`](crate::Context::id)) of the context the operation runs on.
         expected: u64,
+        /// The id of the context it belongs to.
         got: u64,
     },
 
@@ -82,37 +106,67 @@ pub enum Error {
     /// with `track_running_stats = false`).
     #[error("this module has no {name} ({because})")]
     NoSuchParameter {
+        /// The parameter asked for.
         name: &'static str,
+        /// The configuration that leaves it out (`affine = false` or
+        /// `track_running_stats = false`).
         because: &'static str,
     },
 
     /// The operation needs running statistics but the module does not track them.
     #[error("{op} needs running statistics, but this module has track_running_stats = false")]
-    NoRunningStats { op: &'static str },
+    NoRunningStats {
+        /// The operation that needs them.
+        op: &'static str,
+    },
 
     /// No wgpu adapter could be found.
     #[error("no GPU adapter found (backends tried: {tried}{filter}); Context::cpu() runs the same API on the CPU")]
-    NoAdapter { tried: String, filter: String },
+    NoAdapter {
+        /// The wgpu backends searched (from `WGPU_BACKEND`, all when unset).
+        tried: String,
+        /// The `WGPU_ADAPTER_NAME` filter applied, as `, WGPU_ADAPTER_NAME="..."`; empty when
+        /// unset.
+        filter: String,
+    },
 
     /// The adapter lacks something the crate needs.
     #[error("adapter {adapter:?} is unsuitable: {reason}")]
-    UnsupportedAdapter { adapter: String, reason: String },
+    UnsupportedAdapter {
+        /// The adapter's name.
+        adapter: String,
+        /// What it lacks.
+        reason: String,
+    },
 
     /// The device could not be created.
     #[error("requesting a device from {adapter:?} failed: {message}")]
-    RequestDevice { adapter: String, message: String },
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's error message.
+        message: String,
+    },
 
     /// A tensor larger than the device can hold.
     #[error("tensor of {bytes} bytes exceeds the device limit {limit_name} = {limit} bytes")]
     TooLarge {
+        /// The bytes needed.
         bytes: u64,
+        /// The device limit exceeded (a `wgpu::Limits` field, with what must fit it).
         limit_name: &'static str,
+        /// The limit's value, in bytes.
         limit: u64,
     },
 
     /// The shape's element count does not fit the index arithmetic (u32 units on the GPU).
     #[error("shape {shape:?} has too many elements ({elements}) for one tensor")]
-    TooManyElements { shape: Vec<usize>, elements: u128 },
+    TooManyElements {
+        /// The dims asked for.
+        shape: Vec<usize>,
+        /// Their product.
+        elements: u128,
+    },
 
     /// wgpu reported a validation error (a bug in this crate, or a device in a bad state).
     #[error("GPU validation error: {0}")]
@@ -129,11 +183,19 @@ pub enum Error {
     /// A caller's `wgpu::Buffer` that cannot hold the tensor asked for (usage, offset
     /// alignment, size, or another device).
     #[error("this buffer cannot back the tensor: {reason}")]
-    InvalidBuffer { reason: String },
+    InvalidBuffer {
+        /// What about the buffer does not fit.
+        reason: String,
+    },
 
     /// An argument combination the operation does not accept.
     #[error("{op}: {reason}")]
-    InvalidArgument { op: &'static str, reason: String },
+    InvalidArgument {
+        /// The operation called.
+        op: &'static str,
+        /// What is wrong with its arguments.
+        reason: String,
+    },
 
     /// Reading a buffer back failed.
     #[error("reading GPU buffer back failed: {0}")]

@@ -1,6 +1,6 @@
-//! CPU implementations: [`reference`] is the f64 oracle the tests trust; `fast` is the
-//! production path behind [`Context::cpu`](crate::Context::cpu), and [`pool`] the parallel
-//! loop it runs on.
+//! CPU implementations: [`reference`](mod@reference) is the f64 oracle the tests trust;
+//! `fast` is the production path behind [`Context::cpu`](crate::Context::cpu), and [`pool`]
+//! the parallel loop it runs on.
 
 pub(crate) mod backend;
 pub(crate) mod fast;

@@ -6,7 +6,7 @@
 //! a 2-core machine that cost 40–110 µs per call, more than the whole batch norm of a 1 MB
 //! tensor (benches/NOTES.md). Here the caller takes tasks itself from the start, and helpers
 //! (jobs on rayon's pool, so rayon still owns the threads and their count) keep polling for
-//! the next loop for [`SPIN`] after their last task: back-to-back calls see no wake-up at
+//! the next loop for `SPIN` after their last task: back-to-back calls see no wake-up at
 //! all, and a helper that starts late simply finds no task left.
 //!
 //! Results never depend on which thread ran a task: callers store each task's result by

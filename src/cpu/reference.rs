@@ -13,6 +13,7 @@ use crate::shape::{Shape, View};
 /// A forward's results in f64.
 #[derive(Debug, Clone)]
 pub struct RefForward {
+    /// The output, in the input's shape and layout.
     pub y: Vec<f64>,
     /// The mean normalized with (batch or running).
     pub mean: Vec<f64>,
@@ -25,19 +26,28 @@ pub struct RefForward {
 /// A backward's results in f64.
 #[derive(Debug, Clone)]
 pub struct RefGrads {
+    /// The input gradient, in the input's shape and layout.
     pub dx: Vec<f64>,
+    /// The gradient of γ, one per channel.
     pub dweight: Vec<f64>,
+    /// The gradient of β (Σ dy), one per channel.
     pub dbias: Vec<f64>,
 }
 
 /// The module state, in f64, and the same forward/backward as [`crate::BatchNorm`].
 #[derive(Debug, Clone)]
 pub struct ReferenceBatchNorm {
+    /// The layer's configuration.
     pub config: BatchNormConfig,
+    /// γ, one per channel (stays 1 with `affine = false`).
     pub weight: Vec<f64>,
+    /// β, one per channel (stays 0 with `affine = false`).
     pub bias: Vec<f64>,
+    /// The running mean, one per channel.
     pub running_mean: Vec<f64>,
+    /// The running (unbiased) variance, one per channel.
     pub running_var: Vec<f64>,
+    /// Training forwards seen while running statistics are tracked.
     pub num_batches_tracked: u64,
 }
 

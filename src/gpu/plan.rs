@@ -35,7 +35,9 @@ pub enum Partitioning {
     /// to fill the device, and the most units (vec4 or scalar) one reduction invocation
     /// accumulates. Both at least 1.
     Explicit {
+        /// The reduction workgroups to aim for when channels alone are too few.
         target_groups: u32,
+        /// The most units (vec4 or scalar) one reduction invocation accumulates.
         max_units_per_thread: u32,
     },
 }

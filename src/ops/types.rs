@@ -134,8 +134,11 @@ impl std::fmt::Debug for Moments {
 /// then ignored).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MomentsHost {
+    /// The values per channel.
     pub count: u64,
+    /// The mean, one per channel.
     pub mean: Vec<f64>,
+    /// M2 = Σ (x − mean)², one per channel.
     pub m2: Vec<f64>,
 }
 
@@ -263,7 +266,9 @@ impl std::fmt::Debug for GradSums {
 /// The host form of [`GradSums`]: per channel Σ dy and Σ dy·(x − μ), in f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GradSumsHost {
+    /// Σ dy, one per channel.
     pub sum_dy: Vec<f64>,
+    /// Σ dy·(x − μ), one per channel.
     pub sum_dy_xmu: Vec<f64>,
 }
 
@@ -374,8 +379,11 @@ pub struct ForwardOutput {
 /// with only `input` in inference mode, no reduction runs; without `input`, no dx pass runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GradMask {
+    /// Compute dx.
     pub input: bool,
+    /// Compute dγ.
     pub weight: bool,
+    /// Compute dβ.
     pub bias: bool,
 }
 
@@ -404,7 +412,10 @@ impl GradMask {
 /// `affine`).
 #[derive(Clone, Debug)]
 pub struct Gradients {
+    /// The input gradient, same shape and layout as the input.
     pub dx: Option<Tensor>,
+    /// The gradient of γ, one per channel.
     pub dweight: Option<Tensor>,
+    /// The gradient of β, one per channel.
     pub dbias: Option<Tensor>,
 }
