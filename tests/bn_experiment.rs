@@ -69,6 +69,58 @@ fn window_means(run: &Run) -> Vec<f64> {
         .collect()
 }
 
+/// Missing, truncated and corrupt files are errors that name the file and the package.
+#[test]
+fn bad_data_files_are_errors_naming_the_package() {
+    let dir = std::env::temp_dir().join(format!("bn_experiment_data_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let real = Path::new(data::DEFAULT_DIR);
+    let files = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ];
+    let bytes: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| {
+            std::fs::read(real.join(f))
+                .unwrap_or_else(|e| panic!("{f}: {e}: install {}", data::PACKAGE))
+        })
+        .collect();
+    let expect_error = |what: &str, file: &str, contains: &str| {
+        let err = data::load(&dir, None, None).expect_err(what);
+        assert!(
+            err.contains(file) && err.contains(data::PACKAGE) && err.contains(contains),
+            "{what}: the message does not name {file}, {} and {contains:?}: {err}",
+            data::PACKAGE
+        );
+    };
+    expect_error("an empty directory", files[0], "not found");
+    for (f, b) in files.iter().zip(&bytes) {
+        std::fs::write(dir.join(f), b).unwrap();
+    }
+    data::load(&dir, Some(10), Some(10)).expect("an intact copy loads");
+    // Cut inside the pixels (limits do not hide it when the cut is before them), at the
+    // header, and inside the gzip trailer of the test labels.
+    let images = &bytes[0];
+    std::fs::write(dir.join(files[0]), &images[..images.len() / 2]).unwrap();
+    expect_error("truncated images", files[0], "truncated");
+    std::fs::write(dir.join(files[0]), &images[..30]).unwrap();
+    expect_error("a cut header", files[0], "");
+    std::fs::write(dir.join(files[0]), b"not gzip at all").unwrap();
+    expect_error("not gzip", files[0], "");
+    std::fs::write(dir.join(files[0]), images).unwrap();
+    let labels = &bytes[3];
+    std::fs::write(dir.join(files[3]), &labels[..labels.len() - 4]).unwrap();
+    expect_error("a cut gzip trailer", files[3], "");
+    std::fs::write(dir.join(files[3]), labels).unwrap();
+    // Images of the test set under the training labels' name: wrong kind of idx file.
+    std::fs::write(dir.join(files[1]), &bytes[2]).unwrap();
+    expect_error("an image file for labels", files[1], "magic");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The training losses of both networks over `steps` steps.
 fn losses<E: Engine>(
     e: &E,

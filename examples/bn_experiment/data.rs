@@ -160,10 +160,12 @@ fn read_idx(path: &Path, magic: u32, limit: Option<usize>) -> Result<(usize, Vec
     let n = limit.map_or(count, |l| l.min(count));
     let mut data = vec![0u8; n * item];
     gz.read_exact(&mut data).map_err(|e| {
-        what(
-            e,
-            &format!("before the {n} items its header promises ({count} in all)"),
-        )
+        let at = if n == count {
+            format!("before the {count} items its header promises")
+        } else {
+            format!("before item {n} of the {count} its header promises")
+        };
+        what(e, &at)
     })?;
     if n == count {
         // Reading to the end checks the gzip trailer (CRC and length) too.
