@@ -1,69 +1,151 @@
-//! Prints one markdown table: shape, op, backend, median ms (submit + wait, data resident),
-//! kernel-only ms where the adapter has timestamp queries, effective GB/s (minimal bytes:
-//! train forward 12 B/element, inference 8, backward 20), % of that backend's copy ceiling
-//! (a vec4 copy kernel of x's size on a GPU, memcpy on the CPU, timed in the same run),
-//! and speed-up against the CPU path.
+//! One table of the benchmark suite: shape, op, backend, median ms (submit + wait, data
+//! resident), kernel-only ms where the adapter has timestamp queries, effective GB/s
+//! (minimal bytes: train forward 12 B/element, inference 8, backward 20), % of that
+//! backend's copy ceiling (a vec4 copy kernel of x's size on a GPU, memcpy on the CPU,
+//! timed in the same run), and speed-up against the CPU path; as markdown, CSV or JSON
+//! lines, and optionally a PNG chart of the % of copy per row.
 //!
-//! cargo run --release --example bench_report -- [--shapes a,b] [--backends cpu,vulkan,gl]
-//!     [--min-time SECONDS]
-//!     [--pytorch FILE]   JSON lines from `benches/pytorch_cpu.py --json`, shown beside
-//!                        our CPU path (measure them back to back on the same machine)
+//! cargo run --release --example bench_report -- --help
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use plotters::prelude::*;
+
 #[path = "../benches/support.rs"]
 mod support;
-use support::{contexts, median_ms, prepare, Copier, Op, SUITE};
+use support::{bench_name, contexts, median_ms, prepare, Copier, Op, SUITE};
+
+const USAGE: &str = "\
+bench_report: the benchmark suite as one table
+
+usage: bench_report [options]
+  --shapes a,b          only these shapes (default: all of the suite)
+  --backends cpu,vulkan only these backends (cpu, vulkan, gl, metal, dx12)
+  --min-time SECONDS    measuring time per row at least (default 0.5)
+  --format md|csv|json  markdown table (default), CSV, or one JSON object per line
+  --pytorch FILE        JSON lines from benches/pytorch_cpu.py --json, shown beside the
+                        CPU path (measure them back to back on the same machine)
+  --chart FILE.png      also draw the % of the copy ceiling per row as a PNG
+  --help                this text";
+
+/// One measured row.
+struct Row {
+    shape: &'static str,
+    op: Op,
+    backend: String,
+    ms: f64,
+    kernel_ms: Option<f64>,
+    gbs: f64,
+    pct_copy: f64,
+    vs_cpu: Option<f64>,
+    pytorch_ms: Option<f64>,
+}
+
+struct Args {
+    shapes: Option<Vec<String>>,
+    backends: Option<Vec<String>>,
+    min_time: Duration,
+    format: String,
+    pytorch: Option<String>,
+    chart: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        shapes: None,
+        backends: None,
+        min_time: Duration::from_secs_f64(0.5),
+        format: "md".into(),
+        pytorch: None,
+        chart: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let list = |v: String| v.split(',').map(str::to_string).collect::<Vec<_>>();
+        match flag.as_str() {
+            "--shapes" => args.shapes = Some(list(value()?)),
+            "--backends" => args.backends = Some(list(value()?)),
+            "--min-time" => {
+                let v = value()?;
+                let s: f64 = v
+                    .parse()
+                    .map_err(|_| format!("--min-time {v}: not a number"))?;
+                if !(s.is_finite() && s >= 0.0) {
+                    return Err(format!("--min-time {v}: must be ≥ 0"));
+                }
+                args.min_time = Duration::from_secs_f64(s);
+            }
+            "--format" => {
+                let v = value()?;
+                if !matches!(v.as_str(), "md" | "csv" | "json") {
+                    return Err(format!("--format {v}: one of md, csv, json"));
+                }
+                args.format = v;
+            }
+            "--pytorch" => args.pytorch = Some(value()?),
+            "--chart" => args.chart = Some(value()?),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if let Some(shapes) = &args.shapes {
+        for s in shapes {
+            if !SUITE.iter().any(|c| c.name == s) {
+                let known: Vec<_> = SUITE.iter().map(|c| c.name).collect();
+                return Err(format!("unknown shape {s:?}; the suite has {known:?}"));
+            }
+        }
+    }
+    Ok(args)
+}
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
     };
-    let shapes: Option<Vec<String>> =
-        arg("--shapes").map(|s| s.split(',').map(str::to_string).collect());
-    let min_time = Duration::from_secs_f64(
-        arg("--min-time")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.5),
-    );
-    let pytorch = arg("--pytorch")
-        .map(|f| read_pytorch(&f))
-        .unwrap_or_default();
-
-    let backends: Option<Vec<String>> =
-        arg("--backends").map(|s| s.split(',').map(str::to_string).collect());
+    let pytorch = match &args.pytorch {
+        Some(f) => match read_pytorch(f) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        },
+        None => HashMap::new(),
+    };
     let ctxs: Vec<_> = contexts()
         .into_iter()
         .filter(|c| {
-            backends
+            args.backends
                 .as_ref()
                 .is_none_or(|b| b.iter().any(|k| k == c.backend_kind()))
         })
         .collect();
-    println!(
-        "| shape | op | backend | median ms | kernel ms | GB/s | % of copy | vs CPU path |{}",
-        if pytorch.is_empty() {
-            ""
-        } else {
-            " PyTorch CPU ms | ours vs PyTorch |"
-        }
-    );
-    println!(
-        "|---|---|---|---:|---:|---:|---:|---:|{}",
-        if pytorch.is_empty() { "" } else { "---:|---:|" }
-    );
+    if ctxs.is_empty() {
+        eprintln!("error: no backend matches --backends {:?}", args.backends);
+        std::process::exit(2);
+    }
+    let mut all = Vec::new();
+    let print = Printer::new(&args.format, !pytorch.is_empty());
     for case in SUITE {
-        if let Some(s) = &shapes {
-            if !s.iter().any(|n| n == case.name) {
-                continue;
-            }
+        if args
+            .shapes
+            .as_ref()
+            .is_some_and(|s| !s.iter().any(|n| n == case.name))
+        {
+            continue;
         }
         let numel: usize = case.dims.iter().product();
-        let mut rows = Vec::new();
+        let mut measured = Vec::new();
         for ctx in &ctxs {
             let mut p = match prepare(ctx, case) {
                 Ok(p) => p,
@@ -73,54 +155,246 @@ fn main() {
                 }
             };
             let mut copier = Copier::new(ctx, numel * 4);
-            let copy_ms = median_ms(|i| copier.time(i), 5, min_time);
+            let copy_ms = median_ms(|i| copier.time(i), 5, args.min_time);
             let copy_gbs = (numel * 8) as f64 / copy_ms / 1e6;
             for op in Op::ALL {
-                let ms = median_ms(|i| p.time(op, i), 5, min_time);
+                let ms = median_ms(|i| p.time(op, i), 5, args.min_time);
                 let kernel = p.kernel_ms(op, 5);
-                rows.push((op, ctx.name(), ms, copy_gbs, kernel));
+                measured.push((op, bench_name(ctx), ms, copy_gbs, kernel));
             }
         }
         for op in Op::ALL {
-            let cpu_ms = rows.iter().find(|r| r.0 == op && r.1 == "cpu").map(|r| r.2);
-            for (_, backend, ms, copy_gbs, kernel) in rows.iter().filter(|r| r.0 == op) {
+            let cpu_ms = measured
+                .iter()
+                .find(|r| r.0 == op && r.1 == "cpu")
+                .map(|r| r.2);
+            for (_, backend, ms, copy_gbs, kernel) in measured.iter().filter(|r| r.0 == op) {
                 let gbs = (numel * op.bytes_per_element()) as f64 / ms / 1e6;
-                let speedup = cpu_ms
-                    .map(|c| format!("{:.2}×", c / ms))
-                    .unwrap_or_default();
-                let torch = if pytorch.is_empty() {
-                    String::new()
-                } else if backend == "cpu" {
-                    match pytorch.get(&(case.name.to_string(), op.name().to_string())) {
-                        Some(t) => format!(" {t:.3} | {:.2}× |", t / ms),
-                        None => " | |".into(),
-                    }
-                } else {
-                    " | |".into()
+                let row = Row {
+                    shape: case.name,
+                    op,
+                    backend: backend.clone(),
+                    ms: *ms,
+                    kernel_ms: *kernel,
+                    gbs,
+                    pct_copy: 100.0 * gbs / copy_gbs,
+                    vs_cpu: cpu_ms.map(|c| c / ms),
+                    pytorch_ms: (backend == "cpu")
+                        .then(|| pytorch.get(&(case.name.to_string(), op.name().to_string())))
+                        .flatten()
+                        .copied(),
                 };
-                let kernel = kernel
-                    .map(|k| format!("{k:.3}"))
-                    .unwrap_or_else(|| "–".into());
+                print.row(&row);
+                all.push(row);
+            }
+        }
+    }
+    if let Some(path) = &args.chart {
+        match chart(path, &all) {
+            Ok(()) => eprintln!("chart: {path}"),
+            Err(e) => {
+                eprintln!("error: drawing {path}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Prints rows as they come, in the chosen format.
+struct Printer {
+    format: String,
+    pytorch: bool,
+}
+
+impl Printer {
+    fn new(format: &str, pytorch: bool) -> Self {
+        let p = Self {
+            format: format.into(),
+            pytorch,
+        };
+        match format {
+            "md" => {
+                let extra = if pytorch {
+                    " PyTorch CPU ms | ours vs PyTorch |"
+                } else {
+                    ""
+                };
+                println!("| shape | op | backend | median ms | kernel ms | GB/s | % of copy | vs CPU path |{extra}");
+                let extra = if pytorch { "---:|---:|" } else { "" };
+                println!("|---|---|---|---:|---:|---:|---:|---:|{extra}");
+            }
+            "csv" => {
+                println!("shape,op,backend,median_ms,kernel_ms,gbs,pct_copy,vs_cpu,pytorch_ms")
+            }
+            _ => {}
+        }
+        p
+    }
+
+    fn row(&self, r: &Row) {
+        let opt = |v: Option<f64>, prec: usize| v.map(|v| format!("{v:.prec$}"));
+        match self.format.as_str() {
+            "md" => {
+                let torch = match (self.pytorch, r.pytorch_ms) {
+                    (false, _) => String::new(),
+                    (true, Some(t)) => format!(" {t:.3} | {:.2}× |", t / r.ms),
+                    (true, None) => " | |".into(),
+                };
                 println!(
                     "| {} | {} | {} | {:.3} | {} | {:.1} | {:.0} % | {} |{}",
-                    case.name,
-                    op.name(),
-                    backend,
-                    ms,
-                    kernel,
-                    gbs,
-                    100.0 * gbs / copy_gbs,
-                    speedup,
+                    r.shape,
+                    r.op.name(),
+                    r.backend,
+                    r.ms,
+                    opt(r.kernel_ms, 3).unwrap_or_else(|| "–".into()),
+                    r.gbs,
+                    r.pct_copy,
+                    opt(r.vs_cpu, 2).map(|v| v + "×").unwrap_or_default(),
                     torch
+                );
+            }
+            "csv" => println!(
+                "{},{},{},{:.4},{},{:.2},{:.1},{},{}",
+                r.shape,
+                r.op.name(),
+                r.backend,
+                r.ms,
+                opt(r.kernel_ms, 4).unwrap_or_default(),
+                r.gbs,
+                r.pct_copy,
+                opt(r.vs_cpu, 3).unwrap_or_default(),
+                opt(r.pytorch_ms, 4).unwrap_or_default()
+            ),
+            _ => {
+                let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v}"));
+                println!(
+                    "{{\"shape\":\"{}\",\"op\":\"{}\",\"backend\":\"{}\",\"median_ms\":{},\"kernel_ms\":{},\"gbs\":{},\"pct_copy\":{},\"vs_cpu\":{},\"pytorch_ms\":{}}}",
+                    r.shape,
+                    r.op.name(),
+                    r.backend.replace('"', "'"),
+                    r.ms,
+                    num(r.kernel_ms),
+                    r.gbs,
+                    r.pct_copy,
+                    num(r.vs_cpu),
+                    num(r.pytorch_ms)
                 );
             }
         }
     }
 }
 
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Grouped bars: per shape and op, each backend's % of its copy ceiling.
+fn chart(path: &str, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
+    let font = std::fs::read(FONT).map_err(|e| {
+        format!("{FONT}: {e} (the chart's font comes from Debian's fonts-dejavu-core)")
+    })?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| format!("{FONT}: not a usable font"))?;
+    let mut groups: Vec<(String, Vec<&Row>)> = Vec::new();
+    for r in rows {
+        let key = format!("{} {}", r.shape, r.op.name());
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.1.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    let mut backends: Vec<&str> = Vec::new();
+    for r in rows {
+        if !backends.contains(&r.backend.as_str()) {
+            backends.push(&r.backend);
+        }
+    }
+    // Horizontal bars, a row per shape and op, clipped at 150 % (the CPU path's small
+    // tensors sit in cache and can pass a memcpy of the same size many times over).
+    const CLIP: f64 = 150.0;
+    let (w, h) = (
+        1000u32,
+        80 + 22 * groups.len() as u32 * backends.len().max(1) as u32,
+    );
+    let mut pixels = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (w, h)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let n = groups.len().max(1) as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "% of the copy ceiling per row (higher is better; bars clipped at 150 %)",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(190)
+            .build_cartesian_2d(0.0..CLIP, n..0.0)?;
+        let labels: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(groups.len() * 2 + 1)
+            .y_label_formatter(&|v| {
+                let i = v.floor() as usize;
+                if (v - v.floor() - 0.5).abs() < 0.26 && i < labels.len() {
+                    labels[i].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .label_style(("sans-serif", 13))
+            .x_desc("% of copy")
+            .draw()?;
+        let palette = [
+            RGBColor(31, 100, 180),
+            RGBColor(214, 96, 39),
+            RGBColor(60, 150, 70),
+            RGBColor(140, 90, 170),
+        ];
+        let height = 0.8 / backends.len().max(1) as f64;
+        for (b, name) in backends.iter().enumerate() {
+            let color = palette[b % palette.len()];
+            let bars = groups.iter().enumerate().filter_map(|(g, (_, rs))| {
+                let r = rs.iter().find(|r| r.backend == *name)?;
+                let y0 = g as f64 + 0.1 + b as f64 * height;
+                let x = r.pct_copy.min(CLIP);
+                Some(Rectangle::new(
+                    [(0.0, y0), (x, y0 + height)],
+                    color.filled(),
+                ))
+            });
+            chart
+                .draw_series(bars)?
+                .label(name.to_string())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()?;
+        root.present()?;
+    }
+    let file = std::fs::File::create(path)?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&pixels)?;
+    writer.finish()?;
+    Ok(())
+}
+
 /// (shape, op) → median ms from the PyTorch script's JSON lines.
-fn read_pytorch(path: &str) -> HashMap<(String, String), f64> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+fn read_pytorch(path: &str) -> Result<HashMap<(String, String), f64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
     let mut out = HashMap::new();
     for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
         let field = |name: &str| -> Option<String> {
@@ -136,5 +410,5 @@ fn read_pytorch(path: &str) -> HashMap<(String, String), f64> {
             }
         }
     }
-    out
+    Ok(out)
 }
