@@ -326,7 +326,7 @@ pub fn ics(path: &Path, runs: &[Run]) -> Result<()> {
                 ))?;
             }
             if col == 0 {
-                legend(&mut top, SeriesLabelPosition::UpperRight)?;
+                legend(&mut top, SeriesLabelPosition::LowerRight)?;
             }
         }
         Ok(())
