@@ -8,6 +8,8 @@
 //! (one submission per public op, as before the seam); the CPU runs each method at once
 //! and leaves the batch empty.
 
+use std::sync::Arc;
+
 use crate::context::{Data, Tensor};
 use crate::error::Result;
 use crate::gpu::context::Scope;
@@ -19,8 +21,8 @@ use crate::gpu::pool::GpuBuffer;
 /// [`GradSums`](crate::GradSums) (GPU: (Σ dy, Σ dy·(x − μ), 0, 0) as f32 vec4; CPU: f64).
 #[derive(Clone)]
 pub(crate) enum Summaries {
-    Gpu(std::sync::Arc<GpuBuffer>),
-    Cpu(std::sync::Arc<Vec<[f64; 2]>>),
+    Gpu(Arc<GpuBuffer>),
+    Cpu(Arc<Vec<[f64; 2]>>),
 }
 
 /// Running statistics to update in place (the public [`RunningStats`](crate::ops::RunningStats)).
@@ -38,21 +40,31 @@ pub(crate) enum Step {
     Launch(Launch),
     /// Copy `bytes` bytes from `src` at `src_offset` to `dst` at `dst_offset`.
     Copy {
-        src: wgpu::Buffer,
+        src: Arc<GpuBuffer>,
         src_offset: u64,
-        dst: wgpu::Buffer,
+        dst: Arc<GpuBuffer>,
         dst_offset: u64,
         bytes: u64,
     },
 }
 
-/// An operation's GPU work, submitted at once by [`Backend::submit`]. Scratch buffers live
-/// here until the work is submitted; on a GPU, one error scope covers everything from
-/// [`Backend::begin`] to the submission (its allocations included).
+impl Step {
+    /// The pooled buffers this step holds.
+    pub fn owners(&self) -> Vec<&Arc<GpuBuffer>> {
+        match self {
+            Step::Launch(l) => l.buffers.iter().filter_map(|b| b.owner.as_ref()).collect(),
+            Step::Copy { src, dst, .. } => vec![src, dst],
+        }
+    }
+}
+
+/// An operation's GPU work, submitted at once by [`Backend::submit`]. Its steps hold every
+/// pooled buffer they bind (scratch, outputs, inputs) until the work is submitted; on a
+/// GPU, one error scope covers everything from [`Backend::begin`] to the submission (its
+/// allocations included).
 #[derive(Default)]
 pub(crate) struct Batch {
     pub steps: Vec<Step>,
-    pub keep: Vec<GpuBuffer>,
     pub scope: Option<Scope>,
 }
 

@@ -254,3 +254,42 @@ fn reading_back_inside_a_recording_is_refused_and_recordings_do_not_nest() {
         );
     });
 }
+
+/// Work recorded into the caller's encoder runs when the caller submits it, so its buffers
+/// (scratch and outputs, even dropped ones) must not be handed to anything else before
+/// then: tensors uploaded inside the recording, after an op whose outputs were dropped,
+/// keep their values once the encoder runs.
+#[test]
+fn recorded_work_does_not_reuse_its_buffers_before_the_callers_submission() {
+    on_every_backend("recorded_work_does_not_reuse_its_buffers", |ctx| {
+        let Some((device, queue)) = ctx.wgpu() else {
+            return;
+        };
+        let x = ctx
+            .tensor_from_slice(&normal(640, 11, 2.0, 1.5), &[64, 10])
+            .unwrap();
+        let dy = ctx
+            .tensor_from_slice(&normal(640, 12, 0.0, 1.0), &[64, 10])
+            .unwrap();
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let uploads = ctx
+            .record(&mut encoder, || {
+                let out = ops::batch_norm(&x, None, None, None, None, true, 0.1, 1e-5)?;
+                let g = ops::batch_norm_backward(&dy, &x, &out.saved, None, GradMask::ALL)?;
+                drop((out, g));
+                [4, 16, 20, 40, 64, 160, 256, 640, 1024]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &len)| {
+                        let v = normal(len, 100 + i as u64, 0.0, 1.0);
+                        Ok((ctx.tensor_from_slice(&v, &[len])?, v))
+                    })
+                    .collect::<wgpu_batchnorm::Result<Vec<_>>>()
+            })
+            .unwrap();
+        queue.submit(Some(encoder.finish()));
+        for (t, v) in &uploads {
+            assert_eq!(&t.to_vec().unwrap(), v, "an upload of {} values", v.len());
+        }
+    });
+}

@@ -24,7 +24,7 @@ use crate::backend::{Backend, Batch, Reduced, Running, Step, Summaries};
 use crate::context::{Data, Tensor};
 use crate::error::Result;
 
-fn buffer(t: &Tensor) -> &GpuBuffer {
+fn buffer(t: &Tensor) -> &Arc<GpuBuffer> {
     match &t.data {
         Data::Gpu(b) => b,
         Data::Cpu(_) => unreachable!("the op layer checks contexts: host data on a GPU backend"),
@@ -34,28 +34,25 @@ fn buffer(t: &Tensor) -> &GpuBuffer {
 /// A per-channel tensor's values: its own range of its buffer.
 fn bind(t: &Tensor) -> Bind {
     let b = buffer(t);
-    Bind {
-        buffer: (**b).clone(),
-        range: Some((b.offset, (t.numel() * 4) as u64)),
-    }
+    Bind::owned(b, Some((b.offset, (t.numel() * 4) as u64)))
 }
 
-fn data_buffer(d: &Data) -> &wgpu::Buffer {
+fn data_buffer(d: &Data) -> &Arc<GpuBuffer> {
     match d {
         Data::Gpu(b) => b,
         Data::Cpu(_) => unreachable!("the op layer checks contexts: host data on a GPU backend"),
     }
 }
 
-fn summaries(s: &Summaries) -> &wgpu::Buffer {
+fn summaries(s: &Summaries) -> &Arc<GpuBuffer> {
     match s {
         Summaries::Gpu(b) => b,
         Summaries::Cpu(_) => unreachable!("the op layer checks contexts"),
     }
 }
 
-fn gpu(b: GpuBuffer) -> Data {
-    Data::Gpu(Arc::new(b))
+fn gpu(b: Arc<GpuBuffer>) -> Data {
+    Data::Gpu(b)
 }
 
 impl GpuContext {
@@ -90,11 +87,11 @@ impl GpuContext {
             return Ok(bind(t));
         }
         let len = t.numel();
-        let fresh = self.alloc(len, "running statistics");
+        let fresh = Arc::new(self.alloc(len, "running statistics"));
         batch.steps.push(Step::Copy {
-            src: (***b).clone(),
+            src: b.clone(),
             src_offset: b.offset,
-            dst: (*fresh).clone(),
+            dst: fresh.clone(),
             dst_offset: 0,
             bytes: (len * 4) as u64,
         });
@@ -122,17 +119,17 @@ impl GpuContext {
     }
 
     /// Buffers for an operation's outputs and scratch (under the batch's error scope).
-    fn buffers<const N: usize>(&self, lens: [usize; N]) -> Result<[GpuBuffer; N]> {
-        Ok(lens.map(|len| self.alloc(len, "batchnorm")))
+    fn buffers<const N: usize>(&self, lens: [usize; N]) -> Result<[Arc<GpuBuffer>; N]> {
+        Ok(lens.map(|len| Arc::new(self.alloc(len, "batchnorm"))))
     }
 
-    /// The statistics partials of x into a scratch buffer kept by the batch; returns the
-    /// plan and the partials, or None for an empty tensor.
+    /// The statistics partials of x into a scratch buffer; returns the plan and the
+    /// partials, or None for an empty tensor.
     fn stats_partials(
         &self,
         batch: &mut Batch,
         x: &Tensor,
-    ) -> Result<Option<(Plan, wgpu::Buffer)>> {
+    ) -> Result<Option<(Plan, Arc<GpuBuffer>)>> {
         let plan = self.plan(x.shape().view())?;
         if plan.is_empty() {
             return Ok(None);
@@ -140,15 +137,13 @@ impl GpuContext {
         let [partials] = self.buffers([plan.partials_len()])?;
         let family = plan.pick(Family::StatsPartials, Family::StatsPartialsCols);
         for chunk in plan.chunk_list() {
-            let binds = vec![plan.part(buffer(x), &chunk), (&*partials).into()];
+            let binds = vec![plan.part(buffer(x), &chunk), (&partials).into()];
             self.launch(batch, family, plan.vec4, plan.reduce(&chunk), binds);
         }
-        let out = (*partials).clone();
-        batch.keep.push(partials);
-        Ok(Some((plan, out)))
+        Ok(Some((plan, partials)))
     }
 
-    /// The backward partials of (x, dy) into a scratch buffer kept by the batch.
+    /// The backward partials of (x, dy) into a scratch buffer.
     fn bwd_partials(
         &self,
         batch: &mut Batch,
@@ -156,7 +151,7 @@ impl GpuContext {
         dy: &Tensor,
         x: &Tensor,
         saved: &Data,
-    ) -> Result<wgpu::Buffer> {
+    ) -> Result<Arc<GpuBuffer>> {
         let [partials] = self.buffers([plan.partials_len()])?;
         let family = plan.pick(Family::BwdPartials, Family::BwdPartialsCols);
         for chunk in plan.chunk_list() {
@@ -164,13 +159,11 @@ impl GpuContext {
                 plan.part(buffer(x), &chunk),
                 plan.part(buffer(dy), &chunk),
                 data_buffer(saved).into(),
-                (&*partials).into(),
+                (&partials).into(),
             ];
             self.launch(batch, family, plan.vec4, plan.reduce(&chunk), binds);
         }
-        let out = (*partials).clone();
-        batch.keep.push(partials);
-        Ok(out)
+        Ok(partials)
     }
 
     /// The dx passes with the coefficients in `coef`.
@@ -181,8 +174,8 @@ impl GpuContext {
         plan: &Plan,
         dy: &Tensor,
         x: &Tensor,
-        coef: &wgpu::Buffer,
-        dx: &GpuBuffer,
+        coef: &Arc<GpuBuffer>,
+        dx: &Arc<GpuBuffer>,
         training: bool,
     ) {
         let flags = if training { FLAG_TRAINING } else { 0 };
@@ -214,8 +207,9 @@ thread_local! {
 
 impl GpuContext {
     /// Encodes a batch's steps: copies as copies, each run of launches as one compute pass;
-    /// with `timed`, kernel timing covers the last pass (a gather's copies come first).
-    fn encode_steps(&self, encoder: &mut wgpu::CommandEncoder, steps: Vec<Step>, timed: bool) {
+    /// with `timed`, kernel timing covers the last pass (a gather's copies come first). The
+    /// caller keeps the steps (and so the buffers they hold) until the work is submitted.
+    fn encode_steps(&self, encoder: &mut wgpu::CommandEncoder, steps: &[Step], timed: bool) {
         let mut stamps = if timed {
             self.timer.as_ref().and_then(|t| t.begin(&self.device))
         } else {
@@ -223,7 +217,7 @@ impl GpuContext {
         };
         let max_dim = self.limits.max_compute_workgroups_per_dimension;
         let mut launches = Vec::new();
-        let mut steps = steps.into_iter().peekable();
+        let mut steps = steps.iter().peekable();
         while let Some(step) = steps.next() {
             match step {
                 Step::Copy {
@@ -232,7 +226,7 @@ impl GpuContext {
                     dst,
                     dst_offset,
                     bytes,
-                } => encoder.copy_buffer_to_buffer(&src, src_offset, &dst, dst_offset, bytes),
+                } => encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *bytes),
                 Step::Launch(l) => {
                     launches.push(l);
                     if !matches!(steps.peek(), Some(Step::Launch(_))) {
@@ -323,12 +317,12 @@ impl Backend for GpuContext {
                     w.into(),
                     w.into(),
                     w.into(),
-                    (&*out).into(),
+                    (&out).into(),
                 ];
                 self.launch(batch, Family::StatsFinalize, false, params, binds);
             }
         }
-        Ok(Summaries::Gpu(Arc::new(out)))
+        Ok(Summaries::Gpu(out))
     }
 
     fn gather(
@@ -352,14 +346,12 @@ impl Backend for GpuContext {
                 batch.steps.push(Step::Copy {
                     src: summaries(s).clone(),
                     src_offset: 0,
-                    dst: (*scratch).clone(),
+                    dst: scratch.clone(),
                     dst_offset: i as u64 * bytes,
                     bytes,
                 });
             }
-            let b = (*scratch).clone();
-            batch.keep.push(scratch);
-            b
+            scratch
         };
         let mut params = per_channel(c, parts.len() as u32, 1, c, FLAG_SAVED);
         params.eps = eps;
@@ -368,7 +360,7 @@ impl Backend for GpuContext {
             (&merged).into(),
             rm,
             rv,
-            (&*saved).into(),
+            (&saved).into(),
             (&self.dummy_write).into(),
         ];
         self.launch(batch, Family::StatsFinalize, false, params, binds);
@@ -396,7 +388,7 @@ impl Backend for GpuContext {
                     (&partials).into(),
                     rm,
                     rv,
-                    (&*saved).into(),
+                    (&saved).into(),
                     (&self.dummy_write).into(),
                 ];
                 self.launch(batch, Family::StatsFinalize, false, params, binds);
@@ -420,7 +412,7 @@ impl Backend for GpuContext {
             eps,
             ..Params::default()
         };
-        let binds = vec![bind(mean), bind(var), (&*saved).into()];
+        let binds = vec![bind(mean), bind(var), (&saved).into()];
         self.launch(batch, Family::StatsRunning, false, params, binds);
         Ok(gpu(saved))
     }
@@ -495,9 +487,9 @@ impl Backend for GpuContext {
                 (&partials).into(),
                 data_buffer(saved).into(),
                 (&self.dummy_read).into(),
-                (&*dw).into(),
-                (&*db).into(),
-                (&*sums).into(),
+                (&dw).into(),
+                (&db).into(),
+                (&sums).into(),
             ];
             self.launch(
                 batch,
@@ -508,7 +500,7 @@ impl Backend for GpuContext {
             );
         }
         Ok(Reduced {
-            sums: Summaries::Gpu(Arc::new(sums)),
+            sums: Summaries::Gpu(sums),
             dweight: dweight.then(|| gpu(dw)),
             dbias: dbias.then(|| gpu(db)),
         })
@@ -534,26 +526,25 @@ impl Backend for GpuContext {
             Some((s, n)) => {
                 let mut p = per_channel(c as u32, 1, 1, 0, FLAG_TRAINING | weight_flag);
                 p.inv_count = (1.0 / n as f64) as f32;
-                (p, summaries(s).clone())
+                (p, summaries(s).into())
             }
             None => (
                 per_channel(c as u32, 0, 1, 0, weight_flag),
-                self.dummy_read.clone(),
+                (&self.dummy_read).into(),
             ),
         };
         params.channels = c as u32;
         let w = &self.dummy_write;
         let binds = vec![
-            (&source).into(),
+            source,
             data_buffer(saved).into(),
             self.or_dummy(weight),
             w.into(),
             w.into(),
-            (&*coef).into(),
+            (&coef).into(),
         ];
         self.launch(batch, Family::BwdFinalize, false, params, binds);
         self.bwd_dx(batch, &plan, dy, x, &coef, &dx, sums.is_some());
-        batch.keep.push(coef);
         Ok(gpu(dx))
     }
 
@@ -577,10 +568,10 @@ impl Backend for GpuContext {
             self.fill_zero(&dw, c);
             self.fill_zero(&db, c);
         } else if reduce || want_dx {
-            let partials = if reduce {
-                self.bwd_partials(batch, &plan, dy, x, saved)?
+            let partials: Bind = if reduce {
+                (&self.bwd_partials(batch, &plan, dy, x, saved)?).into()
             } else {
-                self.dummy_read.clone()
+                (&self.dummy_read).into()
             };
             let mut flags = 0;
             if training {
@@ -598,19 +589,18 @@ impl Backend for GpuContext {
             let mut params = plan.finalize(reduce, flags);
             params.inv_count = (1.0 / x.shape().view().per_channel() as f64) as f32;
             let binds = vec![
-                (&partials).into(),
+                partials,
                 data_buffer(saved).into(),
                 self.or_dummy(weight),
-                (&*dw).into(),
-                (&*db).into(),
-                (&*coef).into(),
+                (&dw).into(),
+                (&db).into(),
+                (&coef).into(),
             ];
             self.launch(batch, Family::BwdFinalize, false, params, binds);
             if want_dx {
                 self.bwd_dx(batch, &plan, dy, x, &coef, &dx, training);
             }
         }
-        batch.keep.push(coef);
         Ok((
             want_dx.then(|| gpu(dx)),
             want_dw.then(|| gpu(dw)),
@@ -619,29 +609,35 @@ impl Backend for GpuContext {
     }
 
     fn submit(&self, batch: Batch) -> Result<()> {
-        let Batch { steps, keep, scope } = batch;
+        let Batch { steps, scope } = batch;
         if !steps.is_empty() {
             // Into the caller's encoder while `Context::record` runs on this thread.
             let recorded = RECORDING.with(|r| match &mut *r.borrow_mut() {
                 Some((owner, encoder)) if *owner == self as *const Self as usize => {
-                    self.encode_steps(encoder, steps, false);
-                    None
+                    self.encode_steps(encoder, &steps, false);
+                    true
                 }
-                _ => Some(steps),
+                _ => false,
             });
-            if let Some(steps) = recorded {
+            if recorded {
+                // The work runs whenever the caller submits: none of its buffers may be
+                // handed to anything else before then, so none goes back to the pool.
+                for owner in steps.iter().flat_map(Step::owners) {
+                    owner.detach();
+                }
+            } else {
                 let mut encoder =
                     self.device
                         .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                             label: Some("batchnorm"),
                         });
-                self.encode_steps(&mut encoder, steps, true);
+                self.encode_steps(&mut encoder, &steps, true);
                 self.queue.submit(Some(encoder.finish()));
             }
         }
-        // Scratch goes back to the pool only now: the queue runs submissions in order, and
-        // a recording's later work lands in the same encoder after this one's.
-        drop(keep);
+        // The buffers the steps hold go back to the pool only now, after the submission:
+        // the queue runs their next owner's work after this.
+        drop(steps);
         match scope {
             Some(scope) => scope.pop(),
             None => Ok(()),

@@ -228,6 +228,11 @@ impl GpuContext {
             })
         };
         let (dummy_read, dummy_write) = (dummy("unused input"), dummy("unused output"));
+        // Written once, so that wgpu never lazily zero-fills these buffers, which every
+        // thread's work binds.
+        for d in [&dummy_read, &dummy_write] {
+            queue.write_buffer(d, 0, &[0u8; 16]);
+        }
         let probe_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("buffer probe"),
             entries: &[wgpu::BindGroupLayoutEntry {

@@ -6,7 +6,11 @@
 //! uniform with [`Params`] and binds buffers in order (binding 0 is the uniform, then the
 //! buffers as listed in the kernel's WGSL file).
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
+
+use super::pool::GpuBuffer;
 
 /// Invocations per workgroup in every kernel (`WG` in WGSL). The tree reductions assume a
 /// power of two.
@@ -241,18 +245,45 @@ impl Kernels {
 }
 
 /// A buffer binding: the whole buffer, or a byte range of it (a chunk of a large tensor).
+///
+/// A pooled buffer is bound through its owner, which the binding holds: the buffer cannot
+/// go back to the pool, to be handed to other work (another thread's upload, say), while
+/// a batch that binds it is unsubmitted. Its next owner's queued writes would otherwise
+/// run before this batch, which could overwrite them (with its own results, or with the
+/// zeros of wgpu's lazy initialization, which a submission resolves before it takes the
+/// queue's pending writes).
 #[derive(Clone)]
 pub(crate) struct Bind {
     pub buffer: wgpu::Buffer,
     pub range: Option<(u64, u64)>,
+    pub owner: Option<Arc<GpuBuffer>>,
 }
 
+impl Bind {
+    /// `range` of a pooled (or caller's) buffer, held until the batch is dropped.
+    pub fn owned(owner: &Arc<GpuBuffer>, range: Option<(u64, u64)>) -> Self {
+        Self {
+            buffer: (***owner).clone(),
+            range,
+            owner: Some(owner.clone()),
+        }
+    }
+}
+
+/// The context's own buffers (the unused-binding dummies), which no pool hands out.
 impl From<&wgpu::Buffer> for Bind {
     fn from(buffer: &wgpu::Buffer) -> Self {
         Self {
             buffer: buffer.clone(),
             range: None,
+            owner: None,
         }
+    }
+}
+
+impl From<&Arc<GpuBuffer>> for Bind {
+    fn from(owner: &Arc<GpuBuffer>) -> Self {
+        Self::owned(owner, None)
     }
 }
 
@@ -278,7 +309,7 @@ pub(crate) fn encode(
     kernels: &Kernels,
     encoder: &mut wgpu::CommandEncoder,
     max_dim: u32,
-    launches: &[Launch],
+    launches: &[&Launch],
     timestamps: Option<&wgpu::QuerySet>,
 ) {
     // One uniform buffer for every launch's parameters, each at an aligned offset, written

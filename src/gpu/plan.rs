@@ -2,6 +2,8 @@
 //! kernel parameters of each pass over it. The launch sequences are in
 //! [`backend`](super::backend).
 
+use std::sync::Arc;
+
 use super::kernels::{Bind, Family, Params, FLAG_THREAD_PER_CHANNEL, WORKGROUP_SIZE};
 use super::pool::GpuBuffer;
 use crate::error::{Error, Result};
@@ -249,11 +251,11 @@ impl Plan {
 
     /// The chunk's slice of a tensor's buffer (whose values start `buffer.offset` bytes in,
     /// a multiple of the alignment, so the chunk's slack is the same).
-    pub fn part(&self, buffer: &GpuBuffer, chunk: &Chunk) -> Bind {
-        Bind {
-            buffer: (**buffer).clone(),
-            range: chunk.range.map(|(at, size)| (at + buffer.offset, size)),
-        }
+    pub fn part(&self, buffer: &Arc<GpuBuffer>, chunk: &Chunk) -> Bind {
+        Bind::owned(
+            buffer,
+            chunk.range.map(|(at, size)| (at + buffer.offset, size)),
+        )
     }
 
     /// Whether the tensor holds no values (nothing to launch).

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The allocator's counters ([`Context::memory_stats`](crate::Context::memory_stats)).
@@ -76,6 +77,13 @@ impl BufferPool {
         }
     }
 
+    /// A live buffer that will not come back (see [`GpuBuffer::detach`]).
+    fn forget(&self, size: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.stats.live_bytes = s.stats.live_bytes.saturating_sub(size);
+        }
+    }
+
     fn put(&self, buffer: wgpu::Buffer) {
         if let Ok(mut guard) = self.state.lock() {
             let s = &mut *guard;
@@ -109,6 +117,8 @@ impl BufferPool {
 pub(crate) struct GpuBuffer {
     buffer: wgpu::Buffer,
     pool: Option<Arc<BufferPool>>,
+    /// Set when the buffer must not be reused (see [`detach`](Self::detach)).
+    detached: AtomicBool,
     /// Bytes from the buffer's start to the tensor's first value (0 for pooled buffers).
     pub offset: u64,
 }
@@ -118,6 +128,7 @@ impl GpuBuffer {
         Self {
             buffer,
             pool: Some(pool),
+            detached: AtomicBool::new(false),
             offset: 0,
         }
     }
@@ -127,8 +138,17 @@ impl GpuBuffer {
         Self {
             buffer,
             pool: None,
+            detached: AtomicBool::new(false),
             offset,
         }
+    }
+
+    /// Keeps the buffer out of the pool when it is dropped: for buffers bound by work
+    /// recorded into a caller's encoder, which runs whenever the caller submits it, so
+    /// that no later operation can be handed the buffer first. wgpu keeps the memory
+    /// alive until that work has run.
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::Relaxed);
     }
 }
 
@@ -142,7 +162,11 @@ impl Deref for GpuBuffer {
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(pool) = &self.pool {
-            pool.put(self.buffer.clone());
+            if self.detached.load(Ordering::Relaxed) {
+                pool.forget(self.buffer.size());
+            } else {
+                pool.put(self.buffer.clone());
+            }
         }
     }
 }
