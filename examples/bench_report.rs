@@ -15,6 +15,7 @@ use plotters::prelude::*;
 #[path = "../benches/support.rs"]
 mod support;
 use support::{bench_name, contexts, median_ms, prepare, Copier, Op, SUITE};
+use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning};
 
 const USAGE: &str = "\
 bench_report: the benchmark suite as one table
@@ -27,6 +28,8 @@ usage: bench_report [options]
   --pytorch FILE        JSON lines from benches/pytorch_cpu.py --json, shown beside the
                         CPU path (measure them back to back on the same machine)
   --chart FILE.png      also draw the % of the copy ceiling per row as a PNG
+  --one-pass            also measure every GPU adapter with the one-pass kernels on
+                        (rows \"<backend> one-pass\"), an A/B against the default ones
   --help                this text";
 
 /// One measured row.
@@ -49,6 +52,7 @@ struct Args {
     format: String,
     pytorch: Option<String>,
     chart: Option<String>,
+    one_pass: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         format: "md".into(),
         pytorch: None,
         chart: None,
+        one_pass: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,6 +95,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--pytorch" => args.pytorch = Some(value()?),
             "--chart" => args.chart = Some(value()?),
+            "--one-pass" => args.one_pass = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -122,9 +128,22 @@ fn main() {
         },
         None => HashMap::new(),
     };
-    let ctxs: Vec<_> = contexts()
+    let mut ctxs: Vec<_> = contexts()
         .into_iter()
-        .filter(|c| {
+        .map(|c| (bench_name(&c), c))
+        .collect();
+    if args.one_pass {
+        let tuning = DeviceTuning::default().one_pass(true);
+        for ctx in Context::all_gpus_tuned(ContextOptions::default(), tuning) {
+            match ctx {
+                Ok(c) => ctxs.push((format!("{} one-pass", bench_name(&c)), c)),
+                Err(e) => eprintln!("skipping unusable adapter: {e}"),
+            }
+        }
+    }
+    let ctxs: Vec<_> = ctxs
+        .into_iter()
+        .filter(|(_, c)| {
             args.backends
                 .as_ref()
                 .is_none_or(|b| b.iter().any(|k| k == c.backend_kind()))
@@ -146,7 +165,7 @@ fn main() {
         }
         let numel: usize = case.dims.iter().product();
         let mut measured = Vec::new();
-        for ctx in &ctxs {
+        for (label, ctx) in &ctxs {
             let mut p = match prepare(ctx, case) {
                 Ok(p) => p,
                 Err(e) => {
@@ -160,7 +179,7 @@ fn main() {
             for op in Op::ALL {
                 let ms = median_ms(|i| p.time(op, i), 5, args.min_time);
                 let kernel = p.kernel_ms(op, 5);
-                measured.push((op, bench_name(ctx), ms, copy_gbs, kernel));
+                measured.push((op, label.clone(), ms, copy_gbs, kernel));
             }
         }
         for op in Op::ALL {

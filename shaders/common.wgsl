@@ -53,6 +53,8 @@ const FLAG_MOMENTS: u32 = 128u;
 const FLAG_SUMS: u32 = 256u;
 const FLAG_DWEIGHT: u32 = 512u;
 const FLAG_DBIAS: u32 = 1024u;
+// bwd_onepass: write dx.
+const FLAG_DX: u32 = 2048u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -143,4 +145,29 @@ fn column_pos(g: u32, lid: u32) -> ColumnPos {
     let cb = g % p.col_blocks;
     let col = lid % p.col_block;
     return ColumnPos(cb * p.col_block + col, lid / p.col_block, WG / p.col_block, g / p.col_blocks);
+}
+
+// ---- One-pass kernels (*_onepass.wgsl), for channels that fit in workgroup memory: a
+// workgroup owns `col_block` (B) whole channels; invocation lid works on channel
+// g·B + lid % B (its column j) over the channel's values e = lid / B, + WG/B, …
+
+struct BlockPos {
+    c: u32,      // channel of this invocation
+    j: u32,      // its column within the workgroup's block of channels
+    lane: u32,   // its first value
+    lanes: u32,  // the step between its values
+}
+
+fn block_pos(g: u32, lid: u32) -> BlockPos {
+    let j = lid % p.col_block;
+    return BlockPos(g * p.col_block + j, j, lid / p.col_block, WG / p.col_block);
+}
+
+// Index of value e (of p.count) of channel c: unit (e / inner, c, e % inner).
+fn value_index(e: u32, c: u32) -> u32 {
+    if (p.inner == 1u) {
+        return p.base + e * p.channels + c;
+    }
+    let o = e / p.inner;
+    return p.base + (o * p.channels + c) * p.inner + (e - o * p.inner);
 }

@@ -119,6 +119,23 @@ pub(crate) trait Backend: Send + Sync {
         bias: Option<&Tensor>,
     ) -> Result<Data>;
 
+    /// A training forward: [`batch_stats`](Self::batch_stats) then
+    /// [`elemt`](Self::elemt), fused where the backend can (the GPU's one-pass kernel);
+    /// returns (saved, y).
+    fn train_forward(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        eps: f32,
+        running: Option<Running<'_>>,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<(Data, Data)> {
+        let saved = self.batch_stats(batch, x, eps, running)?;
+        let y = self.elemt(batch, x, &saved, weight, bias)?;
+        Ok((saved, y))
+    }
+
     /// (Σ dy, Σ dy·(x − μ)) per channel, and dγ, dβ when asked.
     fn backward_reduce(
         &self,

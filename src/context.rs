@@ -140,6 +140,28 @@ impl Context {
         }
     }
 
+    /// The most values per channel for which a training forward on this context runs in
+    /// one pass (one dispatch that holds each channel in workgroup memory, reading x
+    /// once); a backward, half of it. `None` unless the context's tuning asks for them
+    /// ([`DeviceTuning::one_pass`](crate::DeviceTuning::one_pass)), on the CPU, and on a
+    /// device with fewer than 7 storage buffers per shader stage. Tensors past one storage
+    /// binding always take the two-pass kernels.
+    pub fn one_pass_capacity(&self) -> Option<usize> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.one_pass_cap().map(|c| c as usize),
+            Backend::Cpu => None,
+        }
+    }
+
+    /// Compute dispatches this context has encoded so far (0 on the CPU): launch counts,
+    /// for profiling and tests (a training forward is 1 dispatch in one pass, 3 in two).
+    pub fn dispatch_count(&self) -> u64 {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.dispatches.load(std::sync::atomic::Ordering::Relaxed),
+            Backend::Cpu => 0,
+        }
+    }
+
     /// The tuning in force on a GPU context (partitioning resolved for the device, the
     /// offset alignment chunks are bound at); `None` on the CPU.
     pub fn tuning(&self) -> Option<DeviceTuning> {

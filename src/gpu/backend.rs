@@ -11,12 +11,14 @@
 //! A layer's training forward is therefore 3 launches (x read twice, y written once) and its
 //! backward 3 (x and dy read twice, dx written once), in one submission each.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::context::{GpuContext, Scope};
 use super::kernels::{
-    encode, Bind, Family, Launch, Params, FLAG_BIAS, FLAG_DBIAS, FLAG_DWEIGHT, FLAG_MOMENTS,
-    FLAG_SAVED, FLAG_SUMS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, FLAG_WEIGHT, WORKGROUP_SIZE,
+    encode, Bind, Family, Launch, Params, FLAG_BIAS, FLAG_DBIAS, FLAG_DWEIGHT, FLAG_DX,
+    FLAG_MOMENTS, FLAG_SAVED, FLAG_SUMS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, FLAG_WEIGHT,
+    WORKGROUP_SIZE,
 };
 use super::plan::{per_channel, Plan};
 use super::pool::GpuBuffer;
@@ -232,6 +234,9 @@ impl GpuContext {
                     if !matches!(steps.peek(), Some(Step::Launch(_))) {
                         let last = steps.peek().is_none();
                         let ts = stamps.as_ref().filter(|_| last).map(|s| &s.query_set);
+                        let dispatched = launches.iter().filter(|l| l.params.groups > 0);
+                        self.dispatches
+                            .fetch_add(dispatched.count() as u64, Ordering::Relaxed);
                         encode(
                             &self.device,
                             &self.queue,
@@ -395,6 +400,48 @@ impl Backend for GpuContext {
             }
         }
         Ok(gpu(saved))
+    }
+
+    fn train_forward(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        eps: f32,
+        running: Option<Running<'_>>,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<(Data, Data)> {
+        let plan = self.plan(x.shape().view())?;
+        let Some(one) = plan.one_pass(self.one_pass_cap(), 1) else {
+            let saved = self.batch_stats(batch, x, eps, running)?;
+            let y = self.elemt(batch, x, &saved, weight, bias)?;
+            return Ok((saved, y));
+        };
+        let c = x.shape().channels();
+        let [saved, y] = self.buffers([2 * c, x.numel()])?;
+        let mut flags = FLAG_SAVED;
+        if weight.is_some() {
+            flags |= FLAG_WEIGHT;
+        }
+        if bias.is_some() {
+            flags |= FLAG_BIAS;
+        }
+        let mut params = one.params(flags);
+        params.eps = eps;
+        let count = x.shape().view().per_channel() as u64;
+        let [rm, rv] = self.running_binds(batch, running, count, &mut params)?;
+        let chunk = plan.chunk_list()[0];
+        let binds = vec![
+            plan.part(buffer(x), &chunk),
+            self.or_dummy(weight),
+            self.or_dummy(bias),
+            rm,
+            rv,
+            (&saved).into(),
+            plan.part(&y, &chunk),
+        ];
+        self.launch(batch, Family::FwdOnePass, false, params, binds);
+        Ok((gpu(saved), gpu(y)))
     }
 
     fn running_stats(
@@ -563,10 +610,43 @@ impl Backend for GpuContext {
         let [dx, dw, db, coef] =
             self.buffers([if want_dx { x.numel() } else { 0 }, c, c, 4 * c])?;
         let reduce = want_dw || want_db || (want_dx && training);
+        let one = (reduce || want_dx)
+            .then(|| plan.one_pass(self.one_pass_cap(), 2))
+            .flatten();
         if plan.is_empty() {
             // An empty batch has zero gradients; pooled buffers hold old data.
             self.fill_zero(&dw, c);
             self.fill_zero(&db, c);
+        } else if let Some(one) = one {
+            let mut flags = 0;
+            for (on, flag) in [
+                (training, FLAG_TRAINING),
+                (weight.is_some(), FLAG_WEIGHT),
+                (want_dw, FLAG_DWEIGHT),
+                (want_db, FLAG_DBIAS),
+                (want_dx, FLAG_DX),
+            ] {
+                if on {
+                    flags |= flag;
+                }
+            }
+            let mut params = one.params(flags);
+            params.inv_count = (1.0 / x.shape().view().per_channel() as f64) as f32;
+            let chunk = plan.chunk_list()[0];
+            let binds = vec![
+                plan.part(buffer(x), &chunk),
+                plan.part(buffer(dy), &chunk),
+                data_buffer(saved).into(),
+                self.or_dummy(weight),
+                (&dw).into(),
+                (&db).into(),
+                if want_dx {
+                    plan.part(&dx, &chunk)
+                } else {
+                    (&dx).into()
+                },
+            ];
+            self.launch(batch, Family::BwdOnePass, false, params, binds);
         } else if reduce || want_dx {
             let partials: Bind = if reduce {
                 (&self.bwd_partials(batch, &plan, dy, x, saved)?).into()

@@ -36,6 +36,11 @@ pub struct DeviceTuning {
     /// twice the device's `max_storage_buffer_binding_size`, at least 256 MiB). 0 caches
     /// nothing.
     pub cache_limit: Option<u64>,
+    /// Use the one-pass kernels wherever a channel fits in workgroup memory (one launch
+    /// per training forward or backward instead of three, x read once). Default false:
+    /// on the software adapters they measured about 2× slower than the two-pass kernels
+    /// (benches/NOTES.md); they are meant for launch-bound small tensors on GPUs.
+    pub one_pass: bool,
 }
 
 impl DeviceTuning {
@@ -48,6 +53,12 @@ impl DeviceTuning {
     /// Sets the caching allocator's cap on free buffers kept for reuse, in bytes.
     pub fn cache_limit(mut self, bytes: u64) -> Self {
         self.cache_limit = Some(bytes);
+        self
+    }
+
+    /// Switches the one-pass kernels on or off (see [`one_pass`](Self::one_pass)).
+    pub fn one_pass(mut self, on: bool) -> Self {
+        self.one_pass = on;
         self
     }
 
@@ -85,6 +96,8 @@ pub(crate) struct GpuContext {
     /// With `partitioning` resolved for this device and the alignment made the device's at
     /// least.
     pub tuning: DeviceTuning,
+    /// Compute dispatches encoded so far (see `Context::dispatch_count`).
+    pub dispatches: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
     /// An error wgpu raised outside our scopes (only on devices we created); reported by the
     /// next call.
@@ -211,9 +224,10 @@ impl GpuContext {
                     .offset_alignment
                     .map_or(device_align, |a| a.max(device_align).next_power_of_two()),
             ),
+            one_pass: tuning.one_pass,
         };
         let scope = Scope::push(&device);
-        let kernels = Kernels::new(&device);
+        let kernels = Kernels::new(&device, tuning.one_pass);
         scope.pop()?;
         let timer = device
             .features()
@@ -259,6 +273,7 @@ impl GpuContext {
             kernels,
             options,
             tuning,
+            dispatches: Default::default(),
             lost,
             uncaptured,
         })
@@ -310,6 +325,12 @@ impl GpuContext {
                 .expect("resolved when the context is built"),
             self.tuning.partitioning.numbers(self.info.device_type),
         )
+    }
+
+    /// Floats of workgroup memory the one-pass kernels may hold values in (None: the
+    /// device cannot run them, or the tuning does not ask for them).
+    pub fn one_pass_cap(&self) -> Option<u32> {
+        self.kernels.one_pass_cap
     }
 
     /// Fails for a buffer larger than the device can allocate.

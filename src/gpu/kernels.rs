@@ -58,6 +58,7 @@ pub(crate) const FLAG_MOMENTS: u32 = 128;
 pub(crate) const FLAG_SUMS: u32 = 256;
 pub(crate) const FLAG_DWEIGHT: u32 = 512;
 pub(crate) const FLAG_DBIAS: u32 = 1024;
+pub(crate) const FLAG_DX: u32 = 2048;
 
 const PRELUDE_VEC4: &str = include_str!("../../shaders/prelude_vec4.wgsl");
 const PRELUDE_SCALAR: &str = include_str!("../../shaders/prelude_scalar.wgsl");
@@ -78,10 +79,12 @@ pub(crate) enum Family {
     BwdFinalize,
     BwdDx,
     BwdDxCols,
+    FwdOnePass,
+    BwdOnePass,
 }
 
 impl Family {
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 13] = [
         Family::StatsPartials,
         Family::StatsPartialsCols,
         Family::StatsFinalize,
@@ -93,6 +96,8 @@ impl Family {
         Family::BwdFinalize,
         Family::BwdDx,
         Family::BwdDxCols,
+        Family::FwdOnePass,
+        Family::BwdOnePass,
     ];
 
     /// The file stem in shaders/.
@@ -109,6 +114,8 @@ impl Family {
             Family::BwdFinalize => "bwd_finalize",
             Family::BwdDx => "bwd_dx",
             Family::BwdDxCols => "bwd_dx_cols",
+            Family::FwdOnePass => "fwd_onepass",
+            Family::BwdOnePass => "bwd_onepass",
         }
     }
 
@@ -125,7 +132,14 @@ impl Family {
             Family::BwdFinalize => include_str!("../../shaders/bwd_finalize.wgsl"),
             Family::BwdDx => include_str!("../../shaders/bwd_dx.wgsl"),
             Family::BwdDxCols => include_str!("../../shaders/bwd_dx_cols.wgsl"),
+            Family::FwdOnePass => include_str!("../../shaders/fwd_onepass.wgsl"),
+            Family::BwdOnePass => include_str!("../../shaders/bwd_onepass.wgsl"),
         }
+    }
+
+    /// Whether the family keeps whole channels in workgroup memory (`const CAP` floats).
+    pub fn one_pass(self) -> bool {
+        matches!(self, Family::FwdOnePass | Family::BwdOnePass)
     }
 
     /// Whether the family is built twice, over vec4 and scalar units (the per-channel
@@ -133,26 +147,44 @@ impl Family {
     fn vectorized(self) -> bool {
         !matches!(
             self,
-            Family::StatsFinalize | Family::StatsRunning | Family::BwdFinalize
+            Family::StatsFinalize
+                | Family::StatsRunning
+                | Family::BwdFinalize
+                | Family::FwdOnePass
+                | Family::BwdOnePass
         )
     }
 }
 
-/// The complete WGSL of one kernel variant.
-pub(crate) fn compose(body: &str, vec4: bool) -> String {
+/// The complete WGSL of one kernel variant; `cap`: the one-pass kernels' floats of
+/// workgroup memory for values.
+pub(crate) fn compose(body: &str, vec4: bool, cap: u32) -> String {
     let prelude = if vec4 { PRELUDE_VEC4 } else { PRELUDE_SCALAR };
-    format!("const WG: u32 = {WORKGROUP_SIZE}u;\n{prelude}\n{COMMON}\n{body}")
+    format!(
+        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\n{prelude}\n{COMMON}\n{body}"
+    )
 }
+
+/// Floats of workgroup memory the one-pass kernels keep values in, on a device with
+/// `limit` bytes of workgroup storage: what is left beside their 4 KiB of reduction
+/// scratch, at most 16 KiB (3072 floats at WebGPU's guaranteed 16 KiB).
+pub(crate) fn one_pass_cap(limit: u32) -> u32 {
+    (limit.saturating_sub(4096) / 4).min(4096)
+}
+
+/// Storage buffers a one-pass kernel binds (WebGPU guarantees 8 per stage).
+pub(crate) const ONE_PASS_STORAGE_BUFFERS: u32 = 7;
 
 /// Every kernel source the crate compiles, as (name, WGSL). For tests and tools that check
 /// the shaders outside wgpu (e.g. translating them to every backend language with naga).
 pub fn shader_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
+    let cap = one_pass_cap(16 << 10);
     for family in Family::ALL {
         let (name, body) = (family.name(), family.source());
-        out.push((format!("{name}_scalar"), compose(body, false)));
+        out.push((format!("{name}_scalar"), compose(body, false, cap)));
         if family.vectorized() {
-            out.push((format!("{name}_vec4"), compose(body, true)));
+            out.push((format!("{name}_vec4"), compose(body, true, cap)));
         }
     }
     out
@@ -213,24 +245,39 @@ impl Variants {
 
 /// All pipelines of a context, by [`Family`].
 pub(crate) struct Kernels {
-    families: Vec<Variants>,
+    families: Vec<Option<Variants>>,
+    /// Floats of workgroup memory the one-pass kernels hold values in; None where they
+    /// are not asked for or the device cannot run them (too few storage buffers per
+    /// stage), and then they are not built.
+    pub one_pass_cap: Option<u32>,
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device) -> Self {
+    pub fn new(device: &wgpu::Device, one_pass: bool) -> Self {
+        let limits = device.limits();
+        let one_pass_cap = (one_pass
+            && limits.max_storage_buffers_per_shader_stage >= ONE_PASS_STORAGE_BUFFERS)
+            .then(|| one_pass_cap(limits.max_compute_workgroup_storage_size));
         let families = Family::ALL
             .iter()
             .map(|&f| {
+                if f.one_pass() && one_pass_cap.is_none() {
+                    return None;
+                }
+                let cap = one_pass_cap.unwrap_or(0);
                 let (name, body) = (f.name(), f.source());
-                Variants {
+                Some(Variants {
                     vec4: f
                         .vectorized()
-                        .then(|| Kernel::new(device, name, &compose(body, true))),
-                    scalar: Kernel::new(device, name, &compose(body, false)),
-                }
+                        .then(|| Kernel::new(device, name, &compose(body, true, cap))),
+                    scalar: Kernel::new(device, name, &compose(body, false, cap)),
+                })
             })
             .collect();
-        Self { families }
+        Self {
+            families,
+            one_pass_cap,
+        }
     }
 
     /// The pipeline of `family` over vec4 or scalar units (scalar-only families ignore
@@ -240,7 +287,10 @@ impl Kernels {
             .iter()
             .position(|&f| f == family)
             .expect("ALL lists every family");
-        self.families[index].get(vec4)
+        self.families[index]
+            .as_ref()
+            .expect("plans pick the one-pass kernels only where they are built")
+            .get(vec4)
     }
 }
 

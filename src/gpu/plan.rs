@@ -380,9 +380,56 @@ impl Plan {
         }
     }
 
+    /// The one-pass kernels' cut of this tensor, where they apply: a single chunk whose
+    /// channels each hold at most `cap / per_value` values (`per_value`: floats kept per
+    /// value, 1 forward, 2 backward). A workgroup then owns B whole channels, B the
+    /// largest power of two up to the workgroup size (and no larger than the channels
+    /// need) whose B·count·per_value floats fit in `cap`.
+    pub fn one_pass(&self, cap: Option<u32>, per_value: u32) -> Option<OnePass> {
+        let cap = cap?;
+        let need = self.count.checked_mul(per_value)?;
+        if self.chunks != 1 || self.is_empty() || need == 0 || need > cap {
+            return None;
+        }
+        let fit = 1u32 << (cap / need).ilog2();
+        let block = fit
+            .min(WORKGROUP_SIZE)
+            .min(self.channels.next_power_of_two());
+        Some(OnePass {
+            block,
+            channels: self.channels,
+            run_len: self.run_len,
+            count: self.count,
+        })
+    }
+
     /// Floats of partials scratch the reductions need.
     pub fn partials_len(&self) -> usize {
         4 * (self.channels * self.partials_per_channel()) as usize
+    }
+}
+
+/// The one-pass kernels' cut of a tensor (see [`Plan::one_pass`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OnePass {
+    block: u32,
+    channels: u32,
+    run_len: u32,
+    count: u32,
+}
+
+impl OnePass {
+    /// Parameters of the one dispatch (the caller adds the flags and scalars).
+    pub fn params(&self, flags: u32) -> Params {
+        Params {
+            channels: self.channels,
+            inner: self.run_len,
+            count: self.count,
+            col_block: self.block,
+            groups: self.channels.div_ceil(self.block),
+            flags,
+            ..Params::default()
+        }
     }
 }
 

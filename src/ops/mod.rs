@@ -168,20 +168,26 @@ pub(crate) fn forward(
     check_running(ctx, &running, c)?;
     let k = ctx.kernels();
     let mut batch = k.begin()?;
-    let saved = if training {
-        k.batch_stats(&mut batch, x, eps, running)?
+    let (saved, y) = if training && with_y {
+        let (saved, y) = k.train_forward(&mut batch, x, eps, running, weight, bias)?;
+        (saved, Some(y))
     } else {
-        let Some(r) = running else {
-            return Err(Error::NoRunningStats {
-                op: "batch_norm with training = false",
-            });
+        let saved = if training {
+            k.batch_stats(&mut batch, x, eps, running)?
+        } else {
+            let Some(r) = running else {
+                return Err(Error::NoRunningStats {
+                    op: "batch_norm with training = false",
+                });
+            };
+            k.running_stats(&mut batch, r.mean, r.var, eps)?
         };
-        k.running_stats(&mut batch, r.mean, r.var, eps)?
-    };
-    let y = if with_y {
-        Some(k.elemt(&mut batch, x, &saved, weight, bias)?)
-    } else {
-        None
+        let y = if with_y {
+            Some(k.elemt(&mut batch, x, &saved, weight, bias)?)
+        } else {
+            None
+        };
+        (saved, y)
     };
     k.submit(batch)?;
     Ok((
