@@ -1,6 +1,7 @@
 //! [`Context`]: where tensors live and kernels run (one wgpu device, or the CPU), and
 //! [`Tensor`], an f32 tensor resident there.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -34,16 +35,42 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// Runs `f` to completion on this thread. On wasm32, which cannot block, `f` is dropped
+/// unpolled and the result is [`Error::WouldBlock`] naming `op` and what to call `instead`.
+#[cfg(not(target_arch = "wasm32"))]
+fn block_on<T>(_op: &'static str, _instead: &'static str, f: impl Future<Output = T>) -> Result<T> {
+    Ok(pollster::block_on(f))
+}
+
+#[cfg(target_arch = "wasm32")]
+fn block_on<T>(op: &'static str, instead: &'static str, f: impl Future<Output = T>) -> Result<T> {
+    drop(f);
+    Err(Error::WouldBlock { op, instead })
+}
+
 impl Context {
     /// The best adapter available: a real GPU before a software one. Honours
     /// `WGPU_BACKEND` (e.g. `vulkan`, `gl`) and `WGPU_ADAPTER_NAME` (substring match) like
     /// wgpu's own tools. Fails with [`Error::NoAdapter`] naming the backends tried;
     /// [`Context::cpu`] is the fallback that always works.
+    ///
+    /// Blocks on [`new_async`](Self::new_async); on wasm32, which cannot block, it returns
+    /// [`Error::WouldBlock`]: await `new_async` there.
     pub fn new() -> Result<Self> {
-        let (adapters, tried, filter) = candidate_adapters();
+        block_on(
+            "Context::new",
+            "await Context::new_async instead",
+            Self::new_async(),
+        )?
+    }
+
+    /// [`new`](Self::new) as a future, without blocking: the way to a GPU context on
+    /// wasm32 (WebGPU: the browser's adapter), and on every other target too.
+    pub async fn new_async() -> Result<Self> {
+        let (adapters, tried, filter) = candidate_adapters().await;
         let mut last_err = None;
         for adapter in &adapters {
-            match Self::from_adapter(adapter) {
+            match Self::from_adapter_async(adapter).await {
                 Ok(ctx) => return Ok(ctx),
                 Err(e) => last_err = Some(e),
             }
@@ -53,30 +80,52 @@ impl Context {
 
     /// One context per usable adapter (same environment filters as [`Context::new`]),
     /// best first, with the error of each adapter that failed.
+    ///
+    /// On wasm32 the one entry is [`Error::WouldBlock`]: await
+    /// [`all_gpus_async`](Self::all_gpus_async) there (likewise for
+    /// [`all_gpus_with`](Self::all_gpus_with) and [`all_gpus_tuned`](Self::all_gpus_tuned)).
     pub fn all_gpus() -> Vec<Result<Self>> {
         Self::all_gpus_with(ContextOptions::default())
     }
 
     /// [`all_gpus`](Self::all_gpus) with options.
     pub fn all_gpus_with(options: ContextOptions) -> Vec<Result<Self>> {
-        let (adapters, _, _) = candidate_adapters();
-        adapters
-            .iter()
-            .map(|a| Self::from_adapter_with(a, options))
-            .collect()
+        Self::all_gpus_tuned(options, DeviceTuning::default())
     }
 
     /// [`all_gpus_with`](Self::all_gpus_with) with performance knobs or emulated limits
     /// (e.g. the discrete-GPU work partitioning on a software adapter).
     pub fn all_gpus_tuned(options: ContextOptions, tuning: DeviceTuning) -> Vec<Result<Self>> {
-        let (adapters, _, _) = candidate_adapters();
-        adapters
-            .iter()
-            .map(|a| Self::from_adapter_tuned(a, options, tuning))
-            .collect()
+        block_on(
+            "Context::all_gpus",
+            "await Context::all_gpus_async or all_gpus_tuned_async instead",
+            Self::all_gpus_tuned_async(options, tuning),
+        )
+        .unwrap_or_else(|e| vec![Err(e)])
     }
 
-    /// A context on a specific adapter.
+    /// [`all_gpus`](Self::all_gpus) as a future, without blocking (every target).
+    pub async fn all_gpus_async() -> Vec<Result<Self>> {
+        Self::all_gpus_tuned_async(ContextOptions::default(), DeviceTuning::default()).await
+    }
+
+    /// [`all_gpus_tuned`](Self::all_gpus_tuned) as a future, without blocking (every target).
+    pub async fn all_gpus_tuned_async(
+        options: ContextOptions,
+        tuning: DeviceTuning,
+    ) -> Vec<Result<Self>> {
+        let (adapters, _, _) = candidate_adapters().await;
+        let mut out = Vec::with_capacity(adapters.len());
+        for a in &adapters {
+            out.push(Self::from_adapter_tuned_async(a, options, tuning).await);
+        }
+        out
+    }
+
+    /// A context on a specific adapter. On wasm32 it returns [`Error::WouldBlock`] (as do
+    /// [`from_adapter_with`](Self::from_adapter_with) and
+    /// [`from_adapter_tuned`](Self::from_adapter_tuned)): await
+    /// [`from_adapter_async`](Self::from_adapter_async) there.
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         Self::from_adapter_with(adapter, ContextOptions::default())
     }
@@ -92,8 +141,28 @@ impl Context {
         options: ContextOptions,
         tuning: DeviceTuning,
     ) -> Result<Self> {
+        block_on(
+            "Context::from_adapter",
+            "await Context::from_adapter_async or from_adapter_tuned_async instead",
+            Self::from_adapter_tuned_async(adapter, options, tuning),
+        )?
+    }
+
+    /// [`from_adapter`](Self::from_adapter) as a future, without blocking (every target).
+    pub async fn from_adapter_async(adapter: &wgpu::Adapter) -> Result<Self> {
+        Self::from_adapter_tuned_async(adapter, ContextOptions::default(), DeviceTuning::default())
+            .await
+    }
+
+    /// [`from_adapter_tuned`](Self::from_adapter_tuned) as a future, without blocking
+    /// (every target).
+    pub async fn from_adapter_tuned_async(
+        adapter: &wgpu::Adapter,
+        options: ContextOptions,
+        tuning: DeviceTuning,
+    ) -> Result<Self> {
         Ok(Self::with_backend(Backend::Gpu(Arc::new(
-            GpuContext::from_adapter(adapter, options, tuning)?,
+            GpuContext::from_adapter(adapter, options, tuning).await?,
         ))))
     }
 
@@ -171,7 +240,8 @@ impl Context {
         }
     }
 
-    /// The CPU backend: same API and semantics, multithreaded, no GPU needed.
+    /// The CPU backend: same API and semantics, multithreaded (single-threaded on wasm32),
+    /// no GPU needed.
     pub fn cpu() -> Self {
         Self::with_backend(Backend::Cpu)
     }
@@ -224,7 +294,9 @@ impl Context {
     }
 
     /// Blocks until every operation submitted so far has finished (a no-op on the CPU,
-    /// whose operations are synchronous). For timing; readbacks wait on their own.
+    /// whose operations are synchronous). For timing; readbacks wait on their own. On a GPU
+    /// context on wasm32 it returns [`Error::WouldBlock`]: await
+    /// [`synchronize_async`](Self::synchronize_async) there.
     pub fn synchronize(&self) -> Result<()> {
         match &self.inner.backend {
             Backend::Gpu(g) => g.synchronize(),
@@ -232,7 +304,17 @@ impl Context {
         }
     }
 
-    /// Whether kernel-only timing is available (a GPU with timestamp queries).
+    /// [`synchronize`](Self::synchronize) as a future, without blocking and without a
+    /// thread (every target): completes once every operation submitted so far has finished.
+    pub async fn synchronize_async(&self) -> Result<()> {
+        match &self.inner.backend {
+            Backend::Gpu(g) => g.synchronize_async().await,
+            Backend::Cpu => Ok(()),
+        }
+    }
+
+    /// Whether kernel-only timing is available (a GPU with timestamp queries; never on
+    /// wasm32, where reading the timestamps back would block).
     pub fn has_kernel_timing(&self) -> bool {
         matches!(&self.inner.backend, Backend::Gpu(g) if g.timer.is_some())
     }
@@ -310,7 +392,9 @@ impl Context {
     /// `STORAGE` usage (and `COPY_SRC` for [`Tensor::to_vec`]), the offset must be a
     /// multiple of the device's `min_storage_buffer_offset_alignment`, the values must lie
     /// inside the buffer, and the buffer must come from this context's device; each failure
-    /// is an [`Error::InvalidBuffer`] saying which. The crate only reads the tensor (ops
+    /// is an [`Error::InvalidBuffer`] saying which (on wasm32, where errors surface
+    /// asynchronously, another device's buffer is not caught here: its validation error
+    /// comes from a later call). The crate only reads the tensor (ops
     /// that update running statistics in place write into it, as PyTorch does); the caller
     /// keeps ownership and must not write the buffer while work that reads it is pending.
     pub fn tensor_from_buffer(
@@ -429,10 +513,15 @@ impl Tensor {
     }
 
     /// The values in memory (layout) order. Blocks until the GPU has finished the work that
-    /// produces them.
+    /// produces them. On wasm32, which cannot block, a GPU tensor's `to_vec` returns
+    /// [`Error::WouldBlock`]: await [`to_vec_async`](Self::to_vec_async) there.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match &self.data {
             Data::Cpu(v) => Ok(v.as_ref().clone()),
+            Data::Gpu(_) if cfg!(target_arch = "wasm32") => Err(Error::WouldBlock {
+                op: "Tensor::to_vec",
+                instead: "await Tensor::to_vec_async instead",
+            }),
             Data::Gpu(b) => match self.ctx.backend() {
                 Backend::Gpu(g) => g.read(b, b.offset, self.numel()),
                 Backend::Cpu => unreachable!("GPU data in a CPU context"),
@@ -441,8 +530,9 @@ impl Tensor {
     }
 
     /// [`to_vec`](Self::to_vec) without blocking the calling task and without a thread:
-    /// the future polls the device (non-blocking) each time it is polled, and completes
-    /// when the data is on the host.
+    /// natively the future polls the device (non-blocking) each time it is polled; on
+    /// wasm32 the browser's event loop completes the mapping and wakes it. It completes when
+    /// the data is on the host (every target).
     pub async fn to_vec_async(&self) -> Result<Vec<f32>> {
         match &self.data {
             Data::Cpu(v) => Ok(v.as_ref().clone()),
@@ -478,5 +568,25 @@ impl std::fmt::Debug for Data {
             Data::Gpu(_) => f.write_str("gpu"),
             Data::Cpu(_) => f.write_str("cpu"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn the_async_forms_are_send_futures_and_work_on_the_cpu() {
+        assert_send(&Context::new_async());
+        assert_send(&Context::all_gpus_async());
+        let ctx = Context::cpu();
+        assert_send(&ctx.synchronize_async());
+        futures::executor::block_on(ctx.synchronize_async()).unwrap();
+        let x = ctx.tensor_from_slice(&[1.0, 2.0], &[1, 2]).unwrap();
+        assert_send(&x.to_vec_async());
+        let v = futures::executor::block_on(x.to_vec_async()).unwrap();
+        assert_eq!(v, [1.0, 2.0]);
     }
 }

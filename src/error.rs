@@ -218,6 +218,21 @@ pub enum Error {
     /// what arrived cannot be what a rank sent.
     #[error("communication failed: {0}")]
     Communication(String),
+
+    /// A call that waits for the GPU, made where the thread cannot block: on wasm32 the
+    /// browser's event loop must run for the GPU's work to complete, so blocking calls on a
+    /// GPU context (`Context::new`, `Tensor::to_vec`, `Context::synchronize`, ...) return
+    /// this, naming the async form to call instead (where there is one). Never returned on
+    /// native targets.
+    #[error(
+        "{op} would block waiting for the GPU, which this target cannot do (wasm32); {instead}"
+    )]
+    WouldBlock {
+        /// The blocking call.
+        op: &'static str,
+        /// What to call instead.
+        instead: &'static str,
+    },
 }
 
 /// Shorthand used throughout the crate.

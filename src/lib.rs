@@ -31,6 +31,20 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # On the web
+//!
+//! The crate builds for `wasm32-unknown-unknown`, where wgpu runs on the browser's WebGPU.
+//! A thread there cannot block while the GPU works (the browser's event loop must run), so
+//! the GPU context comes from [`Context::new_async`] (or
+//! [`all_gpus_async`](Context::all_gpus_async),
+//! [`from_adapter_async`](Context::from_adapter_async), or [`Context::from_device`] on the
+//! application's device), results come back with [`Tensor::to_vec_async`], and
+//! [`Context::synchronize_async`] waits for the device. The blocking forms (`Context::new`,
+//! `Tensor::to_vec` of a GPU tensor, `Moments::to_host`, ...) return [`Error::WouldBlock`]
+//! there instead of blocking. wgpu's errors surface one call late there (no synchronous
+//! error scopes in WebGPU), kernel-only timing is off, the CPU path runs single-threaded,
+//! and [`LocalComm`] (threads) is not compiled.
 
 #![warn(missing_docs)]
 
@@ -47,7 +61,9 @@ mod shape;
 
 pub use config::{BatchNormConfig, Momentum};
 pub use context::{Context, Tensor};
-pub use dist::{Communicator, LocalComm};
+pub use dist::Communicator;
+#[cfg(not(target_arch = "wasm32"))]
+pub use dist::LocalComm;
 pub use error::{Error, Result};
 pub use gpu::context::{ContextOptions, DeviceTuning, REQUIRED_STORAGE_BUFFERS};
 pub use gpu::kernels::{shader_sources, WORKGROUP_SIZE};

@@ -1,6 +1,7 @@
 //! The production CPU path: f32 data, f64 accumulation, multithreaded on rayon's threads
-//! (through [`pool`](super::pool), where the calling thread works too), inner loops written
-//! over contiguous runs with independent lanes so that LLVM vectorizes them.
+//! (through [`pool`](super::pool), where the calling thread works too; single-threaded on
+//! wasm32), inner loops written over contiguous runs with independent lanes so that LLVM
+//! vectorizes them.
 //!
 //! Two passes over x for a training forward (statistics, then normalize), as on the GPU.
 //! The statistics use sums shifted by one value of each channel: the shift removes any
@@ -26,7 +27,7 @@ struct Split {
 }
 
 fn split(v: View) -> Split {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads().max(1);
     let row = v.channels * v.inner;
     // Enough tasks to keep every thread busy, none smaller than TASK_ELEMS.
     let want = (v.numel() / TASK_ELEMS).clamp(1, threads * 4);
@@ -364,7 +365,7 @@ fn map_runs(
     } else {
         1
     };
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads().max(1);
     let per_task = (n / (threads * 4)).max(TASK_ELEMS);
     let rows_per_task = (per_task / row_len).next_multiple_of(g).max(g);
     // One uncontended lock per task: safe disjoint mutable access from any thread.

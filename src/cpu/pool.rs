@@ -11,20 +11,43 @@
 //!
 //! Results never depend on which thread ran a task: callers store each task's result by
 //! task index and combine them in order.
+//!
+//! On wasm32 there are no threads (nor rayon): [`for_each`] runs the tasks in order on the
+//! calling thread.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::hint::spin_loop;
+#[cfg(not(target_arch = "wasm32"))]
 use std::panic::{catch_unwind, AssertUnwindSafe};
+#[cfg(not(target_arch = "wasm32"))]
 use std::ptr;
+#[cfg(not(target_arch = "wasm32"))]
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+#[cfg(not(target_arch = "wasm32"))]
 use std::time::{Duration, Instant};
 
+#[cfg(not(target_arch = "wasm32"))]
 use rayon::prelude::*;
+
+/// The number of threads [`for_each`] may run tasks on: rayon's.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// The number of threads [`for_each`] may run tasks on: the calling one.
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn threads() -> usize {
+    1
+}
 
 /// How long a helper keeps polling for the next loop after its last task before it gives
 /// its rayon thread back (OpenMP runtimes spin for a similar while by default).
+#[cfg(not(target_arch = "wasm32"))]
 const SPIN: Duration = Duration::from_micros(500);
 
 /// One published loop: tasks `0..n` of `f`.
+#[cfg(not(target_arch = "wasm32"))]
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     n: usize,
@@ -36,6 +59,7 @@ struct Job<'a> {
     panicked: AtomicBool,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl Job<'_> {
     /// Takes and runs tasks until none is left. A panicking task is caught and recorded
     /// (a panic escaping a rayon job would abort the process), and counts as finished.
@@ -56,6 +80,7 @@ impl Job<'_> {
 /// The one loop slot. All orderings are SeqCst: the protocol is a Dekker-style handshake
 /// (a helper announces itself in `active`, then reads `job`; the caller clears `job`, then
 /// waits for `active` to drain), which needs a single total order.
+#[cfg(not(target_arch = "wasm32"))]
 struct Shared {
     /// The published job, or null. Its lifetime is erased: see `for_each`.
     job: AtomicPtr<Job<'static>>,
@@ -69,6 +94,7 @@ struct Shared {
     busy: AtomicBool,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 static SHARED: Shared = Shared {
     job: AtomicPtr::new(ptr::null_mut()),
     epoch: AtomicU64::new(0),
@@ -80,9 +106,19 @@ static SHARED: Shared = Shared {
 /// Runs `f(0) … f(n − 1)`, in parallel where threads are free, and returns when all have.
 ///
 /// Public so that benchmarks can time other work (the memcpy ceiling) with the same
-/// threading as the CPU path.
+/// threading as the CPU path. On wasm32: in order, on the calling thread.
+#[cfg(target_arch = "wasm32")]
 pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
-    let threads = rayon::current_num_threads();
+    (0..n).for_each(f);
+}
+
+/// Runs `f(0) … f(n − 1)`, in parallel where threads are free, and returns when all have.
+///
+/// Public so that benchmarks can time other work (the memcpy ceiling) with the same
+/// threading as the CPU path. On wasm32: in order, on the calling thread.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
+    let threads = threads();
     if n <= 1 || threads <= 1 {
         (0..n).for_each(f);
         return;
@@ -135,6 +171,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
 }
 
 /// Spins, then yields, until `ready()`.
+#[cfg(not(target_arch = "wasm32"))]
 fn wait_until(ready: impl Fn() -> bool) {
     let mut spins = 0u32;
     while !ready() {
@@ -148,6 +185,7 @@ fn wait_until(ready: impl Fn() -> bool) {
 }
 
 /// A helper: joins each newly published job, and leaves after `SPIN` without one.
+#[cfg(not(target_arch = "wasm32"))]
 fn helper() {
     let s = &SHARED;
     let mut seen = s.epoch.load(SeqCst).wrapping_sub(1);

@@ -68,6 +68,9 @@ impl Shared {
 ///
 /// Ranks that call different collectives, or pass slices of different lengths, all get an
 /// [`Error::Communication`] for that call; the group stays usable.
+///
+/// Not compiled on wasm32, which has no threads to put the ranks on (nor
+/// `std::time::Instant` for the timeout).
 pub struct LocalComm {
     rank: usize,
     shared: Arc<Shared>,

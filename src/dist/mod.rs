@@ -10,7 +10,8 @@
 //!   ranks of one group). A rank that drops out — its thread panics, or it drops its
 //!   communicator — or that does not arrive within the group's timeout makes every other
 //!   rank's collective return [`Error::Communication`](crate::Error::Communication) instead
-//!   of waiting forever.
+//!   of waiting forever. Not on wasm32, which has no threads (nor clocks for the timeout):
+//!   implement [`Communicator`] there.
 //! - `MpiComm` (module `mpi`, cargo feature `mpi`): MPI through the `mpi` crate, for
 //!   processes on one machine or many. What happens when a process dies is MPI's: see the
 //!   module's docs.
@@ -23,10 +24,13 @@
 //! statistics every rank normalizes with and the running statistics it stores are merged
 //! from the gathered values in rank order, the same on every rank.
 
+// Threads and timeouts: not on wasm32.
+#[cfg(not(target_arch = "wasm32"))]
 mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
+#[cfg(not(target_arch = "wasm32"))]
 pub use local::{LocalComm, DEFAULT_TIMEOUT};
 
 use crate::error::Result;

@@ -99,9 +99,10 @@ pub(crate) struct GpuContext {
     /// Compute dispatches encoded so far (see `Context::dispatch_count`).
     pub dispatches: std::sync::atomic::AtomicU64,
     lost: Arc<Mutex<Option<String>>>,
-    /// An error wgpu raised outside our scopes (only on devices we created); reported by the
+    /// The first error wgpu raised outside our scopes (only on devices we created; on wasm32,
+    /// where no scope is pushed, every error of our work: see [`Scope`]); reported by the
     /// next call.
-    uncaptured: Arc<Mutex<Option<String>>>,
+    uncaptured: Arc<Mutex<Option<Error>>>,
 }
 
 /// Orders adapters: real GPUs first, then virtual, then software rasterizers.
@@ -117,12 +118,13 @@ fn preference(info: &wgpu::AdapterInfo) -> u8 {
 
 /// Every adapter of the backends in `WGPU_BACKEND` (all when unset) whose name contains
 /// `WGPU_ADAPTER_NAME` (case-insensitive, when set) and that can run compute shaders,
-/// best first. Returns the adapters and a description of what was searched.
-pub(crate) fn candidate_adapters() -> (Vec<wgpu::Adapter>, String, String) {
+/// best first. Returns the adapters and a description of what was searched. (On wasm32 the
+/// environment is empty and WebGPU offers the browser's one adapter.)
+pub(crate) async fn candidate_adapters() -> (Vec<wgpu::Adapter>, String, String) {
     let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     let backends = desc.backends;
     let instance = wgpu::Instance::new(desc);
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    let mut adapters = instance.enumerate_adapters(backends).await;
     let filter = std::env::var("WGPU_ADAPTER_NAME").ok();
     if let Some(name) = &filter {
         let name = name.to_lowercase();
@@ -144,7 +146,7 @@ pub(crate) fn candidate_adapters() -> (Vec<wgpu::Adapter>, String, String) {
 impl GpuContext {
     /// Opens a device on `adapter` with the adapter's own limits (larger storage bindings
     /// than the WebGPU defaults where the hardware has them).
-    pub fn from_adapter(
+    pub async fn from_adapter(
         adapter: &wgpu::Adapter,
         options: ContextOptions,
         tuning: DeviceTuning,
@@ -152,25 +154,36 @@ impl GpuContext {
         let info = adapter.get_info();
         let limits = adapter.limits();
         check_limits(&info, &limits)?;
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("wgpu-batchnorm"),
-            // Timestamp queries cost nothing until kernel timing is switched on.
-            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY,
-            required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| Error::RequestDevice {
-            adapter: info.name.clone(),
-            message: e.to_string(),
-        })?;
-        // Our own device: errors outside a scope are recorded rather than panicking.
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-batchnorm"),
+                // Timestamp queries cost nothing until kernel timing is switched on (which
+                // reads them back blocking: not on wasm32).
+                required_features: if KERNEL_TIMING {
+                    adapter.features() & wgpu::Features::TIMESTAMP_QUERY
+                } else {
+                    wgpu::Features::empty()
+                },
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice {
+                adapter: info.name.clone(),
+                message: e.to_string(),
+            })?;
+        // Our own device: errors outside a scope are recorded rather than panicking. The
+        // first one is kept (later ones tend to follow from it).
         let uncaptured = Arc::new(Mutex::new(None));
         let slot = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             if let Ok(mut s) = slot.lock() {
-                *s = Some(e.to_string());
+                s.get_or_insert(match e {
+                    wgpu::Error::OutOfMemory { .. } => Error::GpuOutOfMemory(e.to_string()),
+                    _ => Error::GpuValidation(e.to_string()),
+                });
             }
         }));
         Self::build(device, queue, info, uncaptured, options, tuning)
@@ -200,7 +213,7 @@ impl GpuContext {
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
-        uncaptured: Arc<Mutex<Option<String>>>,
+        uncaptured: Arc<Mutex<Option<Error>>>,
         options: ContextOptions,
         tuning: DeviceTuning,
     ) -> Result<Self> {
@@ -229,9 +242,7 @@ impl GpuContext {
         let scope = Scope::push(&device);
         let kernels = Kernels::new(&device, tuning.one_pass);
         scope.pop()?;
-        let timer = device
-            .features()
-            .contains(wgpu::Features::TIMESTAMP_QUERY)
+        let timer = (KERNEL_TIMING && device.features().contains(wgpu::Features::TIMESTAMP_QUERY))
             .then(|| KernelTimer::new(&queue));
         let dummy = |label| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -283,8 +294,8 @@ impl GpuContext {
     pub fn check_alive(&self) -> Result<()> {
         // A non-blocking poll runs the device-lost callback if the device has gone.
         let _ = self.device.poll(wgpu::PollType::Poll);
-        if let Some(msg) = self.uncaptured.lock().ok().and_then(|mut s| s.take()) {
-            return Err(Error::GpuValidation(msg));
+        if let Some(e) = self.uncaptured.lock().ok().and_then(|mut s| s.take()) {
+            return Err(e);
         }
         match self.lost.lock() {
             Ok(l) => match &*l {
@@ -296,7 +307,8 @@ impl GpuContext {
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes and turns a captured wgpu
-    /// error into an [`Error`]. Scopes are per thread, so concurrent callers don't mix.
+    /// error into an [`Error`]. Scopes are per thread, so concurrent callers don't mix. (On
+    /// wasm32 there are no scopes: `f`'s errors surface on a later call; see [`Scope`].)
     pub fn guarded<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
         self.check_alive()?;
         let scope = Scope::push(&self.device);
@@ -451,17 +463,42 @@ impl GpuContext {
         }
     }
 
-    /// Waits until the device has finished all submitted work.
+    /// Waits until the device has finished all submitted work ([`Error::WouldBlock`] on
+    /// wasm32: see [`synchronize_async`](Self::synchronize_async)).
     pub fn synchronize(&self) -> Result<()> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::WouldBlock {
+                op: "Context::synchronize",
+                instead: "await Context::synchronize_async instead",
+            });
+        }
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::DeviceLost(e.to_string()))?;
         self.check_alive()
     }
 
+    /// [`synchronize`](Self::synchronize) without blocking: completes once the work
+    /// submitted so far has finished (see [`callback`](Self::callback) for how it waits).
+    pub async fn synchronize_async(&self) -> Result<()> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        self.callback(rx, Error::DeviceLost).await?;
+        self.check_alive()
+    }
+
     /// Copies `len` floats of `buffer` from byte `offset` back to the host and waits for
-    /// them.
+    /// them ([`Error::WouldBlock`] on wasm32, where only [`read_async`](Self::read_async)
+    /// reads back).
     pub fn read(&self, buffer: &wgpu::Buffer, offset: u64, len: usize) -> Result<Vec<f32>> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::WouldBlock {
+                op: "reading a GPU buffer back synchronously",
+                instead: "Tensor::to_vec_async reads a tensor back without blocking",
+            });
+        }
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -482,10 +519,8 @@ impl GpuContext {
         Self::copy_out(&staging, bytes, len)
     }
 
-    /// Like [`read`](Self::read), without blocking and without a helper thread: each time
-    /// the future is polled it polls the device (non-blocking) and, until the data has
-    /// arrived, asks to be polled again. Under a single-threaded executor that is a busy
-    /// wait that keeps yielding; in a browser the event loop drives it.
+    /// Like [`read`](Self::read), without blocking and without a helper thread (see
+    /// [`callback`](Self::callback) for how it waits).
     pub async fn read_async(
         self: Arc<Self>,
         buffer: &wgpu::Buffer,
@@ -497,32 +532,53 @@ impl GpuContext {
         }
         self.refuse_while_recording()?;
         let (staging, bytes) = self.stage(buffer, offset, len)?;
-        let (tx, mut rx) = futures::channel::oneshot::channel();
+        let (tx, rx) = futures::channel::oneshot::channel();
         staging
             .slice(..bytes)
             .map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send(r);
             });
-        let device = self.device.clone();
-        let mapped = futures::future::poll_fn(|cx| {
-            if let Err(e) = device.poll(wgpu::PollType::Poll) {
-                return std::task::Poll::Ready(Err(Error::DeviceLost(e.to_string())));
+        let mapped = self
+            .callback(rx, Error::Readback)
+            .await
+            .and_then(|r| r.map_err(|e| Error::Readback(e.to_string())));
+        self.check_alive()?;
+        mapped?;
+        Self::copy_out(&staging, bytes, len)
+    }
+
+    /// Waits, without blocking, for what a wgpu callback sends on `rx` (`fail` wraps the
+    /// message if the callback is dropped unrun; a failed device poll is
+    /// [`Error::DeviceLost`]). Natively, wgpu runs callbacks when the device is polled:
+    /// each time the future is polled it polls the device (non-blocking) and, until the
+    /// callback has run, asks to be polled again; under a single-threaded executor that is
+    /// a busy wait that keeps yielding. On wasm32 the browser runs the callback from its
+    /// event loop, and the future simply waits to be woken (asking to be polled again there
+    /// would starve the event loop).
+    async fn callback<T>(
+        &self,
+        mut rx: futures::channel::oneshot::Receiver<T>,
+        fail: fn(String) -> Error,
+    ) -> Result<T> {
+        futures::future::poll_fn(|cx| {
+            if !cfg!(target_arch = "wasm32") {
+                if let Err(e) = self.device.poll(wgpu::PollType::Poll) {
+                    return std::task::Poll::Ready(Err(Error::DeviceLost(e.to_string())));
+                }
             }
             match std::pin::Pin::new(&mut rx).poll(cx) {
-                std::task::Poll::Ready(r) => std::task::Poll::Ready(
-                    r.map_err(|e| Error::Readback(e.to_string()))
-                        .and_then(|r| r.map_err(|e| Error::Readback(e.to_string()))),
-                ),
+                std::task::Poll::Ready(r) => {
+                    std::task::Poll::Ready(r.map_err(|e| fail(e.to_string())))
+                }
                 std::task::Poll::Pending => {
-                    cx.waker().wake_by_ref();
+                    if !cfg!(target_arch = "wasm32") {
+                        cx.waker().wake_by_ref();
+                    }
                     std::task::Poll::Pending
                 }
             }
         })
-        .await;
-        self.check_alive()?;
-        mapped?;
-        Self::copy_out(&staging, bytes, len)
+        .await
     }
 
     fn refuse_while_recording(&self) -> Result<()> {
@@ -604,13 +660,26 @@ fn check_limits(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Result<()> {
     }
 }
 
+/// Whether kernel-only timing is offered: not on wasm32, where reading the timestamps back
+/// would block.
+const KERNEL_TIMING: bool = !cfg!(target_arch = "wasm32");
+
 /// Validation + out-of-memory error scopes, popped together (dropped unpopped, they pop
 /// and discard what they caught).
+///
+/// On wasm32 no scope is pushed and `pop` reports nothing: WebGPU settles a popped scope
+/// only once the browser's event loop runs, which a synchronous call cannot wait for. The
+/// errors go to the device's uncaptured-error handler instead, which a context on its own
+/// device (`Context::new_async`, `from_adapter_async`) records for its next call to report
+/// ([`GpuContext::check_alive`], at the start of every operation and after each readback);
+/// on a device from `Context::from_device` they go to the application's own handler.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) struct Scope {
     validation: wgpu::ErrorScopeGuard,
     oom: wgpu::ErrorScopeGuard,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl Scope {
     pub fn push(device: &wgpu::Device) -> Self {
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -627,6 +696,21 @@ impl Scope {
         if let Some(e) = validation {
             return Err(Error::GpuValidation(e.to_string()));
         }
+        Ok(())
+    }
+}
+
+/// See the native `Scope`: on wasm32, nothing to push or pop.
+#[cfg(target_arch = "wasm32")]
+pub(crate) struct Scope;
+
+#[cfg(target_arch = "wasm32")]
+impl Scope {
+    pub fn push(_device: &wgpu::Device) -> Self {
+        Scope
+    }
+
+    pub fn pop(self) -> Result<()> {
         Ok(())
     }
 }
