@@ -3,12 +3,14 @@
 //! GPU timing is submit + wait with resident data and no readback (`iter_custom`).
 //!
 //! cargo bench --bench batchnorm [-- FILTER]
+//!
+//! HTML reports with charts: target/criterion/report/index.html.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 #[path = "support.rs"]
 mod support;
-use support::{bench_name, contexts, prepare, Copier, Op, SUITE};
+use support::{bench_name, contexts, prepare, register_chart_font, Copier, Op, SUITE};
 
 fn benches(c: &mut Criterion) {
     let ctxs = contexts();
@@ -41,5 +43,21 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(batchnorm, benches);
+/// Criterion's defaults, with its HTML charts when their font is there (a loud warning and
+/// no charts when it is not).
+fn config() -> Criterion {
+    match register_chart_font() {
+        Ok(()) => Criterion::default(),
+        Err(e) => {
+            eprintln!("!!! criterion's HTML charts are off: {e}");
+            Criterion::default().without_plots()
+        }
+    }
+}
+
+criterion_group! {
+    name = batchnorm;
+    config = config();
+    targets = benches
+}
 criterion_main!(batchnorm);

@@ -342,6 +342,24 @@ pub fn bench_name(ctx: &Context) -> String {
     }
 }
 
+/// The font of every chart (bench_report's PNG, criterion's HTML reports): DejaVu Sans
+/// from Debian's fonts-dejavu-core.
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers [`FONT`] as plotters' "sans-serif" (plotters' pure-Rust text path finds no
+/// system fonts by itself).
+pub fn register_chart_font() -> Result<(), String> {
+    let font = std::fs::read(FONT).map_err(|e| {
+        format!("{FONT}: {e} (the charts' font comes from Debian's fonts-dejavu-core)")
+    })?;
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| format!("{FONT}: not a usable font"))
+}
+
 /// Every backend to measure: the CPU path and each GPU adapter.
 pub fn contexts() -> Vec<Context> {
     let mut all = vec![Context::cpu()];

@@ -14,7 +14,7 @@ use plotters::prelude::*;
 
 #[path = "../benches/support.rs"]
 mod support;
-use support::{bench_name, contexts, median_ms, prepare, Copier, Op, SUITE};
+use support::{bench_name, contexts, median_ms, prepare, register_chart_font, Copier, Op, SUITE};
 use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning};
 
 const USAGE: &str = "\
@@ -303,19 +303,9 @@ impl Printer {
     }
 }
 
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
 /// Grouped bars: per shape and op, each backend's % of its copy ceiling.
 fn chart(path: &str, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
-    let font = std::fs::read(FONT).map_err(|e| {
-        format!("{FONT}: {e} (the chart's font comes from Debian's fonts-dejavu-core)")
-    })?;
-    plotters::style::register_font(
-        "sans-serif",
-        plotters::style::FontStyle::Normal,
-        Box::leak(font.into_boxed_slice()),
-    )
-    .map_err(|_| format!("{FONT}: not a usable font"))?;
+    register_chart_font()?;
     let mut groups: Vec<(String, Vec<&Row>)> = Vec::new();
     for r in rows {
         let key = format!("{} {}", r.shape, r.op.name());
