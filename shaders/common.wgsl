@@ -71,15 +71,18 @@ fn finite(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
 }
 
-// A partial summary of some values: (count, k, mean − k, var), where the shift k is one of
-// the (finite) values and var is the biased variance M2/count. Keeping the mean relative to
-// k keeps it precise relative to the spread of the data rather than to its magnitude (at
-// 1e5 an absolute f32 mean has an ulp of 0.008, more than a tenth of the std of a 64-value
-// partial with std 0.5). Keeping var rather than M2 = count·var keeps every summary finite
-// while the variance is: at |x| ≈ 1e19, var ≈ 1e38 fits in f32 but count·var does not.
+// A partial summary of some values: (count, k, mean − k, sd), where the shift k is one of
+// the (finite) values and sd = sqrt(M2/count) their biased standard deviation. Keeping the
+// mean relative to k keeps it precise relative to the spread of the data rather than to its
+// magnitude (at 1e5 an absolute f32 mean has an ulp of 0.008, more than a tenth of the std
+// of a 64-value partial with std 0.5). Keeping the standard deviation rather than M2 or the
+// variance keeps every summary finite wherever its variance is below f32's max squared: a
+// partial of few values can have a variance far above its channel's (two values ±2e19
+// have variance 4e38, past f32's 3.4e38, in a channel whose variance is 1e38), and the
+// merges that follow bring it back down.
 //
-// Chan et al.'s pairwise merge of two summaries, in the variance form:
-//   var = wa·var_a + wb·var_b + (d·wa)·(d·wb),  wa = n_a/n, wb = n_b/n.
+// Chan et al.'s pairwise merge of two summaries, var = wa·var_a + wb·var_b + (d·wa)·(d·wb)
+// with wa = n_a/n, wb = n_b/n, evaluated on sd's scaled by the largest of sd_a, sd_b, |d|.
 // d = (k_b − k_a) + (m_b − m_a) is exact up to f32 rounding of d itself when the shifts are
 // data values of similar magnitude. Where d is not finite (a channel holding ±Inf) the mean
 // is the plain weighted mean, so +Inf stays +Inf (and +Inf with −Inf is NaN), as in a sum.
@@ -98,16 +101,46 @@ fn chan_merge(a: vec4<f32>, b: vec4<f32>) -> vec4<f32> {
     if (!finite(d)) {
         rel = ((a.y + a.z) * wa + (b.y + b.z) * wb) - a.y;
     }
-    return vec4<f32>(n, a.y, rel, wa * a.w + wb * b.w + (d * wa) * (d * wb));
+    return vec4<f32>(n, a.y, rel, merged_sd(a.w, b.w, d, wa, wb));
+}
+
+// sqrt(wa·sa² + wb·sb² + (d·wa)·(d·wb)) without overflow. A zero, infinite or NaN scale
+// gives sa + sb + |d|: 0, +Inf or NaN, as the formula would.
+fn merged_sd(sa: f32, sb: f32, d: f32, wa: f32, wb: f32) -> f32 {
+    let s = max(max(sa, sb), abs(d));
+    if (!(s > 0.0) || !finite(s)) {
+        return sa + sb + abs(d);
+    }
+    let ra = sa / s;
+    let rb = sb / s;
+    let rd = d / s;
+    return s * sqrt(wa * ra * ra + wb * rb * rb + (wa * rd) * (wb * rd));
 }
 
 // A summary from shifted sums s1 = Σ (x − k) and s2 = Σ ((x − k)/sc)² of `cnt` values:
-// var = (Σ d² − Σ d · mean(d)) / n. sc is 1, or 2^64 in the overflow fallback, where the
-// terms are divided by sc before they multiply and the variance is scaled back in two steps
-// (2^128 is not an f32).
+// var = (Σ d² − Σ d · mean(d)) / n, as its sd. sc is 1, or 2^64 in the overflow fallback,
+// where the terms are divided by sc before they multiply and the sd is scaled back. A
+// variance that rounding made negative (by a few ulps) is taken by its magnitude: abs
+// keeps NaN a NaN, where a clamp with max or select does not on every backend (GL's
+// compiler turned such a select into a max, which drops the NaN of an infinite channel).
 fn scaled_summary(cnt: f32, k: f32, s1: f32, s2: f32, sc: f32) -> vec4<f32> {
     let rel = s1 / cnt;
-    return vec4<f32>(cnt, k, rel, ((s2 - (s1 / sc) * (rel / sc)) / cnt) * sc * sc);
+    let v = (s2 - (s1 / sc) * (rel / sc)) / cnt;
+    return vec4<f32>(cnt, k, rel, sqrt(abs(v)) * sc);
+}
+
+// The variance of a summary's sd, and 1/sqrt(var + eps): where the variance passes f32's
+// range the eps no longer matters and invstd is 1/sd (tiny, finite).
+fn variance_of(sd: f32) -> f32 {
+    return sd * sd;
+}
+
+fn invstd_of(sd: f32, eps: f32) -> f32 {
+    let v = sd * sd;
+    if (finite(v)) {
+        return 1.0 / sqrt(v + eps);
+    }
+    return 1.0 / sd;
 }
 
 // 2^-64 and 2^64: the overflow fallback of the partial kernels sums (x − k)·2^-64 where

@@ -74,14 +74,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let r = sh[pos.j];
     let mean = r.y + r.z;
-    let invstd = 1.0 / sqrt(r.w + p.eps);
+    let invstd = invstd_of(r.w, p.eps);
     if (pos.lane == 0u) {
         if (has(FLAG_SAVED)) {
             saved[pos.c] = vec2<f32>(mean, invstd);
         }
         if (has(FLAG_UPDATE_RUNNING)) {
             running_mean[pos.c] = p.momentum * mean + (1.0 - p.momentum) * running_mean[pos.c];
-            running_var[pos.c] = p.momentum * (r.w * p.bessel) + (1.0 - p.momentum) * running_var[pos.c];
+            running_var[pos.c] = p.momentum * (variance_of(r.w) * p.bessel) + (1.0 - p.momentum) * running_var[pos.c];
         }
     }
     var gamma = 1.0;

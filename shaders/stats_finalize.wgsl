@@ -1,4 +1,4 @@
-// Statistics, pass 2: per channel, merges `tiles` summaries (count, k, mean − k, var) in
+// Statistics, pass 2: per channel, merges `tiles` summaries (count, k, mean − k, sd) in
 // order with Chan's formula (common.wgsl). Summary t of channel c is at
 // c·part_cstride + t·part_tstride: the tile partials of stats_partials (channel-major), or
 // the Moments of several parts of a batch laid side by side (part-major). Then, as the flags
@@ -10,7 +10,7 @@
 @group(0) @binding(2) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(3) var<storage, read_write> running_var: array<f32>;
 @group(0) @binding(4) var<storage, read_write> saved: array<vec2<f32>>; // (mean, invstd)
-@group(0) @binding(5) var<storage, read_write> moments: array<vec4<f32>>; // (n, k, mean − k, var)
+@group(0) @binding(5) var<storage, read_write> moments: array<vec4<f32>>; // (n, k, mean − k, sd)
 
 var<workgroup> sh: array<vec4<f32>, WG>;
 
@@ -67,10 +67,10 @@ fn finish(c: u32, r: vec4<f32>) {
     }
     let mean = r.y + r.z;
     if (has(FLAG_SAVED)) {
-        saved[c] = vec2<f32>(mean, 1.0 / sqrt(r.w + p.eps));
+        saved[c] = vec2<f32>(mean, invstd_of(r.w, p.eps));
     }
     if (has(FLAG_UPDATE_RUNNING)) {
         running_mean[c] = p.momentum * mean + (1.0 - p.momentum) * running_mean[c];
-        running_var[c] = p.momentum * (r.w * p.bessel) + (1.0 - p.momentum) * running_var[c];
+        running_var[c] = p.momentum * (variance_of(r.w) * p.bessel) + (1.0 - p.momentum) * running_var[c];
     }
 }

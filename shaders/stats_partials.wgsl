@@ -1,5 +1,5 @@
 // Statistics, pass 1, for long runs: one workgroup reduces one tile of one channel to a
-// summary (count, k, mean − k, var) (see chan_merge in common.wgsl). Each thread accumulates
+// summary (count, k, mean − k, sd) (see chan_merge in common.wgsl). Each thread accumulates
 // sums of (x − k) and (x − k)² shifted by the tile's first value k, turns them into a summary,
 // and the workgroup merges threads with Chan's formula.
 

@@ -1,6 +1,6 @@
 // Statistics, pass 1, column mapping (see common.wgsl): each invocation accumulates
 // shifted sums of its unit column over its rows of the tile; the row lanes of each column
-// are merged with Chan's formula; each value column j writes one (count, k, mean − k, var)
+// are merged with Chan's formula; each value column j writes one (count, k, mean − k, sd)
 // summary (see chan_merge in common.wgsl), at j·tile_stride + tile_offset + tile. A
 // channel's columns are adjacent, so its partials are one contiguous range that
 // stats_finalize merges.
@@ -8,12 +8,12 @@
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 
-// Per lane: count (equal for all lanes), shift k, mean − k, var.
+// Per lane: count (equal for all lanes), shift k, mean − k, sd.
 struct MomentsV {
     n: f32,
     k: V,
     rel: V,
-    var_: V,
+    sd: V,
 }
 
 var<workgroup> sh: array<MomentsV, WG>;
@@ -33,7 +33,19 @@ fn merge_v(a: MomentsV, b: MomentsV) -> MomentsV {
     let d = (b.k - a.k) + (b.rel - a.rel);
     let plain = ((a.k + a.rel) * wa + (b.k + b.rel) * wb) - a.k;
     let rel = select(plain, a.rel + d * wb, finite_lanes(d));
-    return MomentsV(n, a.k, rel, wa * a.var_ + wb * b.var_ + (d * wa) * (d * wb));
+    return MomentsV(n, a.k, rel, merged_sd_v(a.sd, b.sd, d, wa, wb));
+}
+
+// merged_sd (common.wgsl) per lane.
+fn merged_sd_v(sa: V, sb: V, d: V, wa: f32, wb: f32) -> V {
+    let s = max(max(sa, sb), abs(d));
+    let usable = (s > V(0.0)) & finite_lanes(s);
+    let safe = select(V(1.0), s, usable);
+    let ra = sa / safe;
+    let rb = sb / safe;
+    let rd = d / safe;
+    let merged = s * sqrt(wa * ra * ra + wb * rb * rb + (wa * rd) * (wb * rd));
+    return select(sa + sb + abs(d), merged, usable);
 }
 
 @compute @workgroup_size(WG)
@@ -95,7 +107,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let slot = p.tile_offset + pos.tile;
         for (var l = 0u; l < VW; l++) {
             let j = pos.q * VW + l;
-            partials[j * p.tile_stride + slot] = vec4<f32>(r.n, get_lane(r.k, l), get_lane(r.rel, l), get_lane(r.var_, l));
+            partials[j * p.tile_stride + slot] = vec4<f32>(r.n, get_lane(r.k, l), get_lane(r.rel, l), get_lane(r.sd, l));
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::gpu::kernels::Launch;
 use crate::gpu::pool::GpuBuffer;
 
 /// Per-channel pairs in a backend's own form: the summaries of [`Moments`](crate::Moments)
-/// (GPU: (n, k, mean − k, var) as f32 vec4; CPU: (mean, M2) in f64) or the sums of
+/// (GPU: (n, k, mean − k, sd) as f32 vec4; CPU: (mean, M2) in f64) or the sums of
 /// [`GradSums`](crate::GradSums) (GPU: (Σ dy, Σ dy·(x − μ), 0, 0) as f32 vec4; CPU: f64).
 #[derive(Clone)]
 pub(crate) enum Summaries {
@@ -66,6 +66,21 @@ impl Step {
 pub(crate) struct Batch {
     pub steps: Vec<Step>,
     pub scope: Option<Scope>,
+}
+
+/// [`Backend::train_forward`] in two steps: the statistics, then y.
+pub(crate) fn stats_then_elemt<B: Backend + ?Sized>(
+    k: &B,
+    batch: &mut Batch,
+    x: &Tensor,
+    eps: f32,
+    running: Option<Running<'_>>,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+) -> Result<(Data, Data)> {
+    let saved = k.batch_stats(batch, x, eps, running)?;
+    let y = k.elemt(batch, x, &saved, weight, bias)?;
+    Ok((saved, y))
 }
 
 /// One method per kernel family. Inputs are validated by the caller: shapes agree, every
@@ -131,9 +146,7 @@ pub(crate) trait Backend: Send + Sync {
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<(Data, Data)> {
-        let saved = self.batch_stats(batch, x, eps, running)?;
-        let y = self.elemt(batch, x, &saved, weight, bias)?;
-        Ok((saved, y))
+        stats_then_elemt(self, batch, x, eps, running, weight, bias)
     }
 
     /// (Σ dy, Σ dy·(x − μ)) per channel, and dγ, dβ when asked.

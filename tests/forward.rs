@@ -819,11 +819,48 @@ fn to_vec_async_matches_to_vec() {
     });
 }
 
+/// A training forward of N(mean, std²) data against the oracle, with tolerances relative
+/// to the spread (the same relative accuracy as O(1) data), and finite running variances.
+fn check_huge(ctx: &Context, dims: &[usize], layout: Layout, mean: f64, std: f64, seed: u64) {
+    let shape = Shape::with_layout(dims, layout).unwrap();
+    let x = normal(shape.numel(), seed, mean, std);
+    let (mut bn, mut reference) = layer_pair(ctx, BatchNormConfig::new(dims[1]), seed);
+    let out = bn
+        .forward_train(&ctx.tensor_with_layout(&x, dims, layout).unwrap())
+        .unwrap();
+    let want = reference.forward_train(&x, &shape).unwrap();
+    let what = |s: &str| format!("{s} {dims:?} {layout:?} std {std:e} on {}", ctx.name());
+    let mean_atol = std * 1e-4;
+    assert_close(
+        &what("mean"),
+        &out.saved.mean().unwrap(),
+        &want.mean,
+        mean_atol,
+        1e-5,
+    );
+    assert_close(
+        &what("invstd"),
+        &out.saved.invstd().unwrap(),
+        &want.invstd,
+        0.0,
+        1e-5,
+    );
+    let rv = bn.running_var().unwrap().unwrap();
+    assert!(
+        rv.iter().all(|v| v.is_finite()),
+        "{}: {rv:?}",
+        what("running_var")
+    );
+    assert_close(&what("running_var"), &rv, &reference.running_var, 0.0, 1e-5);
+    // y is O(1) again.
+    assert_close(&what("y"), &out.y.to_vec().unwrap(), &want.y, 1e-4, 1e-4);
+}
+
 /// |x| around 1e19: σ² fits in f32 but n·σ² and the sums of squared differences do not.
-/// The summaries keep the variance (not M2) and the partial kernels sum scaled squares
-/// where the plain ones overflow, so the statistics are finite and right (PyTorch's CPU
-/// kernel is; our GPU kernels returned NaN and the CPU path invstd = 0 before). Both kernel
-/// mappings (spatial 16: runs; rank 2: columns) and a tile boundary.
+/// The partial kernels sum scaled squares where the plain ones overflow, so the statistics
+/// are finite and right (PyTorch's CPU kernel is; our GPU kernels returned NaN and the CPU
+/// path invstd = 0 before). Both kernel mappings (spatial 16: runs; rank 2: columns) and a
+/// tile boundary. std 1e18: single squared differences reach 1e38 and their sums overflow.
 #[test]
 fn huge_values_1e19_keep_finite_statistics() {
     on_every_backend("huge_values_1e19_keep_finite_statistics", |ctx| {
@@ -833,41 +870,25 @@ fn huge_values_1e19_keep_finite_statistics() {
             (vec![4, 2, 33, 31], 1e19),
             (vec![4, 2, 1024], -1e19),
         ] {
-            let shape = Shape::new(&dims).unwrap();
-            // std 1e18: single squared differences reach 1e38 and their sums overflow, while
-            // every partial's variance (≲ (9e18)²) fits. (A part whose own variance exceeds
-            // f32's range, 3.4e38, still overflows: its variance is not representable.)
-            let x = normal(shape.numel(), 95, mean, 1e18);
-            let (mut bn, mut reference) = layer_pair(ctx, BatchNormConfig::new(dims[1]), 95);
-            let out = bn
-                .forward_train(&ctx.tensor_from_slice(&x, &dims).unwrap())
-                .unwrap();
-            let want = reference.forward_train(&x, &shape).unwrap();
-            let what = |s: &str| format!("{s} {dims:?} on {}", ctx.name());
-            // Relative to the spread: the same relative accuracy as O(1) data.
-            assert_close(
-                &what("mean"),
-                &out.saved.mean().unwrap(),
-                &want.mean,
-                1e14,
-                1e-5,
-            );
-            assert_close(
-                &what("invstd"),
-                &out.saved.invstd().unwrap(),
-                &want.invstd,
-                0.0,
-                1e-5,
-            );
-            let rv = bn.running_var().unwrap().unwrap();
-            assert!(
-                rv.iter().all(|v| v.is_finite()),
-                "{}: {rv:?}",
-                what("running_var")
-            );
-            assert_close(&what("running_var"), &rv, &reference.running_var, 0.0, 1e-5);
-            // y is O(1) again.
-            assert_close(&what("y"), &out.y.to_vec().unwrap(), &want.y, 1e-4, 1e-4);
+            check_huge(ctx, &dims, Layout::ChannelsFirst, mean, 1e18, 95);
+        }
+    });
+}
+
+/// std 1e19: the channels' variances (about 1e38) fit in f32, but partial summaries of a
+/// few values can have variances past f32's range (two values ±2e19: 4e38). The summaries
+/// keep the standard deviation, so those partials stay finite and the merged statistics
+/// are right; with the variance form the GPU saved invstd = 0 for most channels of (100, 6).
+#[test]
+fn spreads_near_the_f32_limit_keep_finite_statistics() {
+    on_every_backend("spreads_near_the_f32_limit_keep_finite_statistics", |ctx| {
+        for (dims, layout) in [
+            (vec![100usize, 6], Layout::ChannelsFirst),
+            (vec![2, 6, 5, 5], Layout::ChannelsFirst),
+            (vec![8, 3, 16, 16], Layout::ChannelsFirst),
+            (vec![25, 4, 2, 2], Layout::ChannelsLast),
+        ] {
+            check_huge(ctx, &dims, layout, 0.0, 1e19, 97);
         }
     });
 }

@@ -215,10 +215,12 @@ fn the_plan_switches_at_the_capacity() {
 #[test]
 fn one_pass_keeps_the_numerics_of_two_pass() {
     // std 4e18: an invocation's ~12 squared differences overflow f32 (the overflow
-    // fallback), the variance (1.6e37) does not. (Much larger spreads overflow the
-    // variance of the small partial summaries the merges combine, see benches/NOTES.md.)
+    // fallback), the variance (1.6e37) does not.
     let xs: Vec<f32> = normal(6000, 3, 0.0, 1.0).iter().map(|v| v * 4e18).collect();
     compare(&[3000, 2], Layout::ChannelsFirst, &xs, 1e-4);
+    // std 1e19: partial summaries of few values with variances past f32's range.
+    let xs: Vec<f32> = normal(600, 3, 0.0, 1.0).iter().map(|v| v * 1e19).collect();
+    compare(&[100, 6], Layout::ChannelsFirst, &xs, 1e-4);
     // A large common offset: the shifted sums keep the small spread.
     let xs: Vec<f32> = normal(600, 4, 0.0, 0.01).iter().map(|v| v + 1e5).collect();
     compare(&[100, 6], Layout::ChannelsFirst, &xs, 1e-3);

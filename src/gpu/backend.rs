@@ -22,7 +22,7 @@ use super::kernels::{
 };
 use super::plan::{per_channel, Plan};
 use super::pool::GpuBuffer;
-use crate::backend::{Backend, Batch, Reduced, Running, Step, Summaries};
+use crate::backend::{stats_then_elemt, Backend, Batch, Reduced, Running, Step, Summaries};
 use crate::context::{Data, Tensor};
 use crate::error::Result;
 
@@ -413,9 +413,7 @@ impl Backend for GpuContext {
     ) -> Result<(Data, Data)> {
         let plan = self.plan(x.shape().view())?;
         let Some(one) = plan.one_pass(self.one_pass_cap(), 1) else {
-            let saved = self.batch_stats(batch, x, eps, running)?;
-            let y = self.elemt(batch, x, &saved, weight, bias)?;
-            return Ok((saved, y));
+            return stats_then_elemt(self, batch, x, eps, running, weight, bias);
         };
         let c = x.shape().channels();
         let [saved, y] = self.buffers([2 * c, x.numel()])?;
@@ -740,7 +738,7 @@ impl Backend for GpuContext {
                     if count == 0 {
                         [0.0, 0.0]
                     } else {
-                        [mean, v[3] as f64 * count as f64]
+                        [mean, (v[3] as f64).powi(2) * count as f64]
                     }
                 } else {
                     [v[0] as f64, v[1] as f64]
@@ -768,7 +766,7 @@ impl Backend for GpuContext {
                         count as f32,
                         k,
                         (a - k as f64) as f32,
-                        (b / count as f64) as f32,
+                        (b / count as f64).sqrt() as f32,
                     ]
                 }
             })
