@@ -128,8 +128,19 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
         .compare_exchange(false, true, SeqCst, SeqCst)
         .is_err()
     {
-        // Another thread is running a loop here (or this is a nested call): plain rayon.
-        (0..n).into_par_iter().for_each(&f);
+        // Another thread is running a loop here (or this is a nested call): plain rayon,
+        // with the pool's contract (every task runs, then a panic reaches the caller),
+        // which rayon's own for_each does not keep (it may skip tasks after a panic).
+        let panicked = AtomicBool::new(false);
+        (0..n).into_par_iter().for_each(|i| {
+            if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
+                panicked.store(true, SeqCst);
+            }
+        });
+        assert!(
+            !panicked.load(SeqCst),
+            "a task of a CPU batch-norm loop panicked"
+        );
         return;
     }
     let job = Job {
@@ -228,6 +239,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
 
+    /// Both paths of `for_each`: the pool's own loop, and plain rayon while another thread
+    /// holds the loop slot (the other tests of this binary run beside this one and may).
     #[test]
     fn a_panicking_task_panics_the_caller_and_the_pool_still_works() {
         let ran = AtomicU32::new(0);
@@ -244,6 +257,25 @@ mod tests {
             hits[i].fetch_add(1, SeqCst);
         });
         assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+    }
+
+    /// A loop inside a loop's task finds the slot taken and runs on plain rayon: the same
+    /// contract holds there.
+    #[test]
+    fn a_panicking_task_of_a_nested_loop_still_lets_every_task_run() {
+        let ran = AtomicU32::new(0);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            for_each(2, |outer| {
+                if outer == 0 {
+                    for_each(64, |i| {
+                        ran.fetch_add(1, SeqCst);
+                        assert!(i != 17, "task 17 fails");
+                    });
+                }
+            })
+        }));
+        assert!(result.is_err(), "the panic must reach the caller");
+        assert_eq!(ran.load(SeqCst), 64, "the other tasks still ran");
     }
 
     #[test]
