@@ -20,13 +20,27 @@ fn pairs() -> &'static [(Context, Context)] {
         let opts = ContextOptions::default();
         let one = Context::all_gpus_tuned(opts, DeviceTuning::default().one_pass(true));
         let two = Context::all_gpus_tuned(opts, DeviceTuning::default());
-        let out: Vec<_> = one
-            .into_iter()
-            .zip(two)
-            .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
-            .collect();
+        let mut out = Vec::new();
+        for (a, b) in one.into_iter().zip(two) {
+            match (a, b) {
+                (Ok(a), Ok(b)) => out.push((a, b)),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("!!! one_pass tests: an adapter is unusable: {e}")
+                }
+            }
+        }
         if out.is_empty() {
             eprintln!("!!! one_pass tests: NO GPU ADAPTER FOUND: nothing compared");
+        }
+        // As common::backends: CI names the adapters that must be there.
+        if let Ok(required) = std::env::var("WGPU_BATCHNORM_REQUIRE_BACKENDS") {
+            for want in required.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                assert!(
+                    out.iter()
+                        .any(|(c, _)| c.backend_kind().eq_ignore_ascii_case(want)),
+                    "WGPU_BATCHNORM_REQUIRE_BACKENDS names {want:?} but no such adapter was found"
+                );
+            }
         }
         out
     })

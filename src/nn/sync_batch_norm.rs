@@ -2,7 +2,7 @@
 //! PyTorch's `nn.SyncBatchNorm`, on any [`Communicator`].
 
 use super::batch_norm::{BatchNorm, BatchNormState};
-use super::state::{channel_tensor, LayerState};
+use super::state::{channel_tensor, state_accessors, LayerState};
 use crate::config::BatchNormConfig;
 use crate::context::{Context, Tensor};
 use crate::dist::Communicator;
@@ -549,100 +549,7 @@ impl<C: Communicator> SyncBatchNorm<C> {
 
     // ---- state access: as BatchNorm's ----
 
-    /// γ (`weight`), or `None` without `affine`.
-    pub fn weight(&self) -> Result<Option<Vec<f32>>> {
-        self.state.weight()
-    }
-
-    /// β (`bias`), or `None` without `affine`.
-    pub fn bias(&self) -> Result<Option<Vec<f32>>> {
-        self.state.bias()
-    }
-
-    /// Running mean, or `None` without `track_running_stats`.
-    pub fn running_mean(&self) -> Result<Option<Vec<f32>>> {
-        self.state.running_mean()
-    }
-
-    /// Running (unbiased) variance, or `None` without `track_running_stats`.
-    pub fn running_var(&self) -> Result<Option<Vec<f32>>> {
-        self.state.running_var()
-    }
-
-    /// γ as a tensor on the device, or `None` without `affine`.
-    pub fn weight_tensor(&self) -> Option<&Tensor> {
-        self.state.weight.as_ref()
-    }
-
-    /// β as a tensor on the device, or `None` without `affine`.
-    pub fn bias_tensor(&self) -> Option<&Tensor> {
-        self.state.bias.as_ref()
-    }
-
-    /// The running mean as a tensor on the device, or `None` without `track_running_stats`.
-    /// A clone keeps its values: the next training forward gives the layer fresh storage.
-    pub fn running_mean_tensor(&self) -> Option<&Tensor> {
-        self.state.running_mean.as_ref()
-    }
-
-    /// The running variance as a tensor on the device, or `None` without
-    /// `track_running_stats`.
-    pub fn running_var_tensor(&self) -> Option<&Tensor> {
-        self.state.running_var.as_ref()
-    }
-
-    /// Training forwards seen, or `None` without `track_running_stats`.
-    pub fn num_batches_tracked(&self) -> Option<u64> {
-        self.state.num_batches_tracked()
-    }
-
-    /// Sets γ. Fails without `affine` or with a length ≠ `num_features`.
-    pub fn set_weight(&mut self, weight: &[f32]) -> Result<()> {
-        self.state.set_weight(weight)
-    }
-
-    /// Sets β. Fails without `affine` or with a length ≠ `num_features`.
-    pub fn set_bias(&mut self, bias: &[f32]) -> Result<()> {
-        self.state.set_bias(bias)
-    }
-
-    /// Sets the running mean. Fails without `track_running_stats` or with a wrong length.
-    pub fn set_running_mean(&mut self, mean: &[f32]) -> Result<()> {
-        self.state.set_running_mean(mean)
-    }
-
-    /// Sets the running variance. Fails without `track_running_stats` or with a wrong length.
-    pub fn set_running_var(&mut self, var: &[f32]) -> Result<()> {
-        self.state.set_running_var(var)
-    }
-
-    /// Sets `num_batches_tracked` (it drives `momentum = None`).
-    pub fn set_num_batches_tracked(&mut self, n: u64) -> Result<()> {
-        self.state.set_num_batches_tracked(n)
-    }
-
-    /// Replaces γ with a tensor already on the device (e.g. after an optimizer step), shape
-    /// (C), same context. Fails without `affine`.
-    pub fn set_weight_tensor(&mut self, weight: Tensor) -> Result<()> {
-        self.state.set_weight_tensor(weight)
-    }
-
-    /// Replaces β with a tensor already on the device, shape (C), same context.
-    pub fn set_bias_tensor(&mut self, bias: Tensor) -> Result<()> {
-        self.state.set_bias_tensor(bias)
-    }
-
-    /// The whole state in host memory (one readback per tensor), in [`BatchNorm`]'s form.
-    pub fn state(&self) -> Result<BatchNormState> {
-        self.state.state()
-    }
-
-    /// Sets the whole state at once (loading a checkpoint): every entry is checked first —
-    /// present exactly where the configuration has it, `num_features` values — and nothing
-    /// changes unless all are right. Local.
-    pub fn load_state(&mut self, state: &BatchNormState) -> Result<()> {
-        self.state.load_state(state)
-    }
+    state_accessors!();
 }
 /// This rank's part of a synchronized backward.
 struct LocalGradSums {
