@@ -1,13 +1,27 @@
 // Normalize, scale, shift: y = (x − mean)·(γ·invstd) + β, for long runs (NCHW with a large
 // spatial size): a workgroup per chunk of one (outer, channel) run, so the channel is uniform
 // and its parameters are loaded once per workgroup. Short runs use apply_cols.wgsl.
-// Centring first keeps y accurate when |mean| ≫ std (x·a + b would cancel).
+// Centring first keeps y accurate when |mean| ≫ std (x·a + b would cancel). The fused
+// epilogue (FLAG_RESIDUAL, FLAG_RELU) adds z and applies the ReLU in the same pass.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(3) var<storage, read> weight: array<f32>; // γ, read with FLAG_WEIGHT
 @group(0) @binding(4) var<storage, read> bias: array<f32>;   // β, read with FLAG_BIAS
 @group(0) @binding(5) var<storage, read_write> y: array<V>;
+@group(0) @binding(6) var<storage, read> z: array<V>;        // the residual, read with FLAG_RESIDUAL
+
+// The epilogue of the unit at i: + z, then the ReLU, as the flags ask.
+fn finish(v: V, i: u32) -> V {
+    var r = v;
+    if (has(FLAG_RESIDUAL)) {
+        r += z[i];
+    }
+    if (has(FLAG_RELU)) {
+        r = relu_v(r);
+    }
+    return r;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -40,7 +54,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let mean = V(st.x);
     let scale = gamma * st.y;
     let shift = V(beta);
-    for (var i = p.base + start + lid; i < p.base + end; i += WG) {
-        y[i] = (x[i] - mean) * scale + shift;
+    if (has(FLAG_RESIDUAL | FLAG_RELU)) {
+        for (var i = p.base + start + lid; i < p.base + end; i += WG) {
+            y[i] = finish((x[i] - mean) * scale + shift, i);
+        }
+    } else {
+        for (var i = p.base + start + lid; i < p.base + end; i += WG) {
+            y[i] = (x[i] - mean) * scale + shift;
+        }
     }
 }

@@ -9,6 +9,19 @@
 @group(0) @binding(3) var<storage, read> weight: array<f32>; // γ, read with FLAG_WEIGHT
 @group(0) @binding(4) var<storage, read> bias: array<f32>;   // β, read with FLAG_BIAS
 @group(0) @binding(5) var<storage, read_write> y: array<V>;
+@group(0) @binding(6) var<storage, read> z: array<V>;        // the residual, read with FLAG_RESIDUAL
+
+// The epilogue of the unit at i: + z, then the ReLU, as the flags ask.
+fn finish(v: V, i: u32) -> V {
+    var r = v;
+    if (has(FLAG_RESIDUAL)) {
+        r += z[i];
+    }
+    if (has(FLAG_RELU)) {
+        r = relu_v(r);
+    }
+    return r;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -38,8 +51,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let row0 = pos.tile * p.tile_len;
     let row1 = min(row0 + p.tile_len, p.outer);
-    for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
-        let i = p.base + o * p.total + pos.q;
-        y[i] = (x[i] - mean) * scale + shift;
+    if (has(FLAG_RESIDUAL | FLAG_RELU)) {
+        for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            let i = p.base + o * p.total + pos.q;
+            y[i] = finish((x[i] - mean) * scale + shift, i);
+        }
+    } else {
+        for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            let i = p.base + o * p.total + pos.q;
+            y[i] = (x[i] - mean) * scale + shift;
+        }
     }
 }

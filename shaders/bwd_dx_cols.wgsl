@@ -5,6 +5,21 @@
 @group(0) @binding(2) var<storage, read> dy: array<V>;
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>; // (μ, a, b, a·mean(dy))
 @group(0) @binding(4) var<storage, read_write> dx: array<V>;
+@group(0) @binding(5) var<storage, read> y: array<V>;        // the fused forward's output, read with FLAG_RELU
+@group(0) @binding(6) var<storage, read_write> dz: array<V>; // the residual's gradient, written with FLAG_DZ
+
+// The gradient reaching the batch norm at unit i: dy, masked by y > 0 with FLAG_RELU; also
+// dz with FLAG_DZ.
+fn grad_at(i: u32) -> V {
+    var g = dy[i];
+    if (has(FLAG_RELU)) {
+        g = relu_grad(g, y[i]);
+    }
+    if (has(FLAG_DZ)) {
+        dz[i] = g;
+    }
+    return g;
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -29,7 +44,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let row0 = pos.tile * p.tile_len;
     let row1 = min(row0 + p.tile_len, p.outer);
-    if (has(FLAG_TRAINING)) {
+    let fused = has(FLAG_RELU | FLAG_DZ);
+    if (fused && has(FLAG_TRAINING)) {
+        for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            let i = p.base + o * p.total + pos.q;
+            dx[i] = a * grad_at(i) + b * (x[i] - mu) - d;
+        }
+    } else if (fused) {
+        for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            let i = p.base + o * p.total + pos.q;
+            dx[i] = a * grad_at(i);
+        }
+    } else if (has(FLAG_TRAINING)) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;
             dx[i] = a * dy[i] + b * (x[i] - mu) - d;

@@ -1,11 +1,21 @@
 // Backward, pass 1: one workgroup reduces one tile of one channel to
 // (Σ dy, Σ dy·(x − μ)), μ being the mean the forward normalized with. The same tiling and
-// walk as the statistics pass; x and dy are each read once.
+// walk as the statistics pass; x and dy are each read once. With FLAG_RELU, dy is masked
+// by the fused forward's y > 0 as it is read (y is read once too).
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> dy: array<V>;
 @group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> y: array<V>; // the fused forward's output, read with FLAG_RELU
+
+// The gradient reaching the batch norm at unit i: dy, masked by y > 0 with FLAG_RELU.
+fn grad_at(i: u32) -> V {
+    if (has(FLAG_RELU)) {
+        return relu_grad(dy[i], y[i]);
+    }
+    return dy[i];
+}
 
 var<workgroup> sh: array<vec2<f32>, WG>;
 
@@ -32,7 +42,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let seg_end = min((o + 1u) * p.inner, u1);
         let base = p.base + (o * (p.channels - 1u) + c) * p.inner;
         for (var j = seg + lid; j < seg_end; j += WG) {
-            let g_out = dy[base + j];
+            let g_out = grad_at(base + j);
             sdy += g_out;
             sdyx += g_out * (x[base + j] - mu);
         }

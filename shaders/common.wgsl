@@ -55,6 +55,12 @@ const FLAG_DWEIGHT: u32 = 512u;
 const FLAG_DBIAS: u32 = 1024u;
 // bwd_onepass: write dx.
 const FLAG_DX: u32 = 2048u;
+// Fused epilogue, y = relu(bn(x) + z). apply*: add the residual z; apply*: relu, and
+// bwd_partials* / bwd_dx*: mask dy by y > 0 (the fused forward's output).
+const FLAG_RESIDUAL: u32 = 4096u;
+const FLAG_RELU: u32 = 8192u;
+// bwd_dx*: write dz = the masked dy (the residual's gradient).
+const FLAG_DZ: u32 = 16384u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -63,8 +69,19 @@ fn group_index(wid: vec3<u32>) -> u32 {
     return wid.x + wid.y * p.groups_x;
 }
 
+// Whether any of the flags in `flag` is set.
 fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
+}
+
+// max(v, 0) that keeps NaN a NaN (as torch.relu does): WGSL leaves max with NaN open.
+fn relu_v(v: V) -> V {
+    return select(v, V(0.0), v < V(0.0));
+}
+
+// ReLU's backward (PyTorch's threshold_backward on the result): g where y > 0, else 0.
+fn relu_grad(g: V, y: V) -> V {
+    return select(V(0.0), g, y > V(0.0));
 }
 
 fn finite(v: f32) -> bool {

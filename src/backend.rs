@@ -35,6 +35,57 @@ pub(crate) struct Reduced {
     pub dbias: Option<Data>,
 }
 
+/// What a forward applies after the affine transform, in its elementwise pass:
+/// y = relu(bn(x) + z), the add with a residual z of x's shape and layout, each part
+/// optional.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a> {
+    pub residual: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Plain batch norm.
+    pub const NONE: Epilogue<'static> = Epilogue {
+        residual: None,
+        relu: false,
+    };
+
+    pub fn is_none(&self) -> bool {
+        self.residual.is_none() && !self.relu
+    }
+}
+
+/// The backward of an [`Epilogue`]: the gradient reaching the batch norm is
+/// g = dy·[y > 0] with the ReLU (`relu_y` is the fused forward's output), dy without; with a
+/// residual, dz = g as well.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct EpilogueGrad<'a> {
+    pub relu_y: Option<&'a Tensor>,
+    pub dz: bool,
+}
+
+impl EpilogueGrad<'_> {
+    /// Plain batch norm.
+    pub const NONE: EpilogueGrad<'static> = EpilogueGrad {
+        relu_y: None,
+        dz: false,
+    };
+
+    pub fn is_none(&self) -> bool {
+        self.relu_y.is_none() && !self.dz
+    }
+}
+
+/// What a whole backward returns, each where asked.
+#[derive(Default)]
+pub(crate) struct Grads {
+    pub dx: Option<Data>,
+    pub dweight: Option<Data>,
+    pub dbias: Option<Data>,
+    pub dz: Option<Data>,
+}
+
 /// One step of a GPU batch, in order.
 pub(crate) enum Step {
     Launch(Launch),
@@ -69,6 +120,7 @@ pub(crate) struct Batch {
 }
 
 /// [`Backend::train_forward`] in two steps: the statistics, then y.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn stats_then_elemt<B: Backend + ?Sized>(
     k: &B,
     batch: &mut Batch,
@@ -77,9 +129,10 @@ pub(crate) fn stats_then_elemt<B: Backend + ?Sized>(
     running: Option<Running<'_>>,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
+    epi: Epilogue<'_>,
 ) -> Result<(Data, Data)> {
     let saved = k.batch_stats(batch, x, eps, running)?;
-    let y = k.elemt(batch, x, &saved, weight, bias)?;
+    let y = k.elemt(batch, x, &saved, weight, bias, epi)?;
     Ok((saved, y))
 }
 
@@ -124,7 +177,7 @@ pub(crate) trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<Data>;
 
-    /// y = (x − mean)·γ·invstd + β (γ = 1, β = 0 where absent).
+    /// y = (x − mean)·γ·invstd + β (γ = 1, β = 0 where absent), then the epilogue.
     fn elemt(
         &self,
         batch: &mut Batch,
@@ -132,11 +185,13 @@ pub(crate) trait Backend: Send + Sync {
         saved: &Data,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
+        epi: Epilogue<'_>,
     ) -> Result<Data>;
 
     /// A training forward: [`batch_stats`](Self::batch_stats) then
     /// [`elemt`](Self::elemt), fused where the backend can (the GPU's one-pass kernel);
     /// returns (saved, y).
+    #[allow(clippy::too_many_arguments)]
     fn train_forward(
         &self,
         batch: &mut Batch,
@@ -145,8 +200,9 @@ pub(crate) trait Backend: Send + Sync {
         running: Option<Running<'_>>,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
+        epi: Epilogue<'_>,
     ) -> Result<(Data, Data)> {
-        stats_then_elemt(self, batch, x, eps, running, weight, bias)
+        stats_then_elemt(self, batch, x, eps, running, weight, bias, epi)
     }
 
     /// (Σ dy, Σ dy·(x − μ)) per channel, and dγ, dβ when asked.
@@ -172,8 +228,9 @@ pub(crate) trait Backend: Send + Sync {
         sums: Option<(&Summaries, u64)>,
     ) -> Result<Data>;
 
-    /// A whole backward over one batch: reduction (when `reduce`), dγ/dβ as asked, and dx
-    /// when `dx` (training formula when `training`), fused where the backend can.
+    /// A whole backward over one batch: reduction (when needed), dγ/dβ as asked, and dx
+    /// when asked (training formula when `training`), with dy first masked by the ReLU of
+    /// `epi` and dz returned where it asks; fused where the backend can.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -184,7 +241,8 @@ pub(crate) trait Backend: Send + Sync {
         weight: Option<&Tensor>,
         training: bool,
         want: (bool, bool, bool),
-    ) -> Result<(Option<Data>, Option<Data>, Option<Data>)>;
+        epi: EpilogueGrad<'_>,
+    ) -> Result<Grads>;
 
     /// Submits the batch's work.
     fn submit(&self, batch: Batch) -> Result<()>;

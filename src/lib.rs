@@ -72,8 +72,8 @@ pub use gpu::pool::MemoryStats;
 pub use nn::SyncBatchNorm;
 pub use nn::{BatchNorm, BatchNormState};
 pub use ops::{
-    ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost, RunningStats,
-    SavedStats,
+    ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost,
+    ReluGradients, RunningStats, SavedStats,
 };
 pub use shape::{Layout, Shape};
 pub use wgpu;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::fast;
-use crate::backend::{Backend, Batch, Reduced, Running, Summaries};
+use crate::backend::{Backend, Batch, Epilogue, EpilogueGrad, Grads, Reduced, Running, Summaries};
 use crate::context::{Data, Tensor};
 use crate::error::Result;
 
@@ -182,6 +182,7 @@ impl Backend for CpuBackend {
         saved: &Data,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
+        epi: Epilogue<'_>,
     ) -> Result<Data> {
         let sv = saved_pairs(saved);
         let c = sv.len() / 2;
@@ -202,7 +203,8 @@ impl Backend for CpuBackend {
                 &zeros
             }
         };
-        let y = fast::affine_centered(host(x), &mean, &scale, shift, x.shape().view());
+        let z = epi.residual.map(host);
+        let y = fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, x.shape().view());
         Ok(Data::Cpu(Arc::new(y)))
     }
 
@@ -274,7 +276,20 @@ impl Backend for CpuBackend {
         weight: Option<&Tensor>,
         training: bool,
         (want_dx, want_dw, want_db): (bool, bool, bool),
-    ) -> Result<(Option<Data>, Option<Data>, Option<Data>)> {
+        epi: EpilogueGrad<'_>,
+    ) -> Result<Grads> {
+        // The ReLU's mask applied once, as its own pass (memory is cheap to stream on the
+        // CPU, and with a residual the masked dy is dz anyway).
+        let masked;
+        let dy = match epi.relu_y {
+            Some(y) => {
+                let g = fast::relu_grad(host(dy), host(y));
+                masked = Tensor::new(x.context(), x.shape().clone(), Data::Cpu(Arc::new(g)));
+                &masked
+            }
+            None => dy,
+        };
+        let dz = epi.dz.then(|| dy.data.clone());
         let reduce = want_dw || want_db || (want_dx && training);
         let reduced = if reduce {
             Some(self.backward_reduce(batch, dy, x, saved, want_dw, want_db)?)
@@ -291,8 +306,13 @@ impl Backend for CpuBackend {
         } else {
             None
         };
-        let (dw, db) = reduced.map_or((None, None), |r| (r.dweight, r.dbias));
-        Ok((dx, dw, db))
+        let (dweight, dbias) = reduced.map_or((None, None), |r| (r.dweight, r.dbias));
+        Ok(Grads {
+            dx,
+            dweight,
+            dbias,
+            dz,
+        })
     }
 
     fn submit(&self, _: Batch) -> Result<()> {

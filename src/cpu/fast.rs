@@ -397,8 +397,45 @@ fn map_runs(
     out
 }
 
-/// y = (x − m_c)·a_c + b_c with per-channel (m, a, b).
-pub fn affine_centered(x: &[f32], m: &[f32], a: &[f32], b: &[f32], v: View) -> Vec<f32> {
+/// y = (x − m_c)·a_c + b_c with per-channel (m, a, b), then the epilogue: + z (`residual`,
+/// x's shape) and the ReLU (`relu`), in the same pass.
+pub fn affine_centered(
+    x: &[f32],
+    m: &[f32],
+    a: &[f32],
+    b: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    v: View,
+) -> Vec<f32> {
+    match (residual, relu) {
+        (None, false) => affine_with::<false, false>(x, m, a, b, x, v),
+        (None, true) => affine_with::<false, true>(x, m, a, b, x, v),
+        (Some(z), false) => affine_with::<true, false>(x, m, a, b, z, v),
+        (Some(z), true) => affine_with::<true, true>(x, m, a, b, z, v),
+    }
+}
+
+/// The epilogue of one value: + z with `ADD`, then max(·, 0) keeping NaN with `RELU`.
+#[inline(always)]
+fn finish<const ADD: bool, const RELU: bool>(y: f32, z: f32) -> f32 {
+    let y = if ADD { y + z } else { y };
+    if RELU && y < 0.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// [`affine_centered`] for one epilogue (`z` is read only with `ADD`).
+fn affine_with<const ADD: bool, const RELU: bool>(
+    x: &[f32],
+    m: &[f32],
+    a: &[f32],
+    b: &[f32],
+    z: &[f32],
+    v: View,
+) -> Vec<f32> {
     let tiled = |p: &[f32]| {
         if v.inner == 1 {
             tile_rows(p)
@@ -411,16 +448,18 @@ pub fn affine_centered(x: &[f32], m: &[f32], a: &[f32], b: &[f32], v: View) -> V
         v,
         |out, start, c| {
             let (mc, ac, bc) = (m[c], a[c], b[c]);
-            let xs = &x[start..start + out.len()];
-            for (o, &xv) in out.iter_mut().zip(xs) {
-                o.write((xv - mc) * ac + bc);
+            let n = out.len();
+            let (xs, zs) = (&x[start..start + n], &z[start..start + n]);
+            for ((o, &xv), &zv) in out.iter_mut().zip(xs).zip(zs) {
+                o.write(finish::<ADD, RELU>((xv - mc) * ac + bc, zv));
             }
         },
         |out, start| {
             let n = out.len();
             let it = out.iter_mut().zip(&x[start..start + n]);
-            for ((((o, &xv), &mc), &ac), &bc) in it.zip(&mr[..n]).zip(&ar[..n]).zip(&br[..n]) {
-                o.write((xv - mc) * ac + bc);
+            let params = mr[..n].iter().zip(&ar[..n]).zip(&br[..n]);
+            for (((o, &xv), ((&mc, &ac), &bc)), &zv) in it.zip(params).zip(&z[start..start + n]) {
+                o.write(finish::<ADD, RELU>((xv - mc) * ac + bc, zv));
             }
         },
     )
@@ -468,4 +507,29 @@ pub fn grad_input(x: &[f32], dy: &[f32], coef: &[[f32; 4]], training: bool, v: V
             }
         },
     )
+}
+
+/// ReLU's backward on the result (PyTorch's threshold_backward): dy where y > 0, else 0.
+pub fn relu_grad(dy: &[f32], y: &[f32]) -> Vec<f32> {
+    let n = dy.len();
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let per_task = (n / (pool::threads().max(1) * 4)).max(TASK_ELEMS);
+    let chunks: Vec<Mutex<&mut [MaybeUninit<f32>]>> = out.spare_capacity_mut()[..n]
+        .chunks_mut(per_task)
+        .map(Mutex::new)
+        .collect();
+    pool::for_each(chunks.len(), |t| {
+        let mut chunk = chunks[t].lock().expect("not poisoned");
+        let start = t * per_task;
+        let len = chunk.len();
+        let it = chunk.iter_mut().zip(&dy[start..start + len]);
+        for ((o, &g), &yv) in it.zip(&y[start..start + len]) {
+            o.write(if yv > 0.0 { g } else { 0.0 });
+        }
+    });
+    drop(chunks);
+    // SAFETY: the chunks cover the first n slots exactly once and each loop above writes
+    // every slot of its chunk (dy and y have n values).
+    unsafe { out.set_len(n) };
+    out
 }

@@ -16,13 +16,16 @@ use std::sync::Arc;
 
 use super::context::{GpuContext, Scope};
 use super::kernels::{
-    encode, Bind, Family, Launch, Params, FLAG_BIAS, FLAG_DBIAS, FLAG_DWEIGHT, FLAG_DX,
-    FLAG_MOMENTS, FLAG_SAVED, FLAG_SUMS, FLAG_TRAINING, FLAG_UPDATE_RUNNING, FLAG_WEIGHT,
-    WORKGROUP_SIZE,
+    encode, Bind, Family, Launch, Params, FLAG_BIAS, FLAG_DBIAS, FLAG_DWEIGHT, FLAG_DX, FLAG_DZ,
+    FLAG_MOMENTS, FLAG_RELU, FLAG_RESIDUAL, FLAG_SAVED, FLAG_SUMS, FLAG_TRAINING,
+    FLAG_UPDATE_RUNNING, FLAG_WEIGHT, WORKGROUP_SIZE,
 };
 use super::plan::{per_channel, Plan};
 use super::pool::GpuBuffer;
-use crate::backend::{stats_then_elemt, Backend, Batch, Reduced, Running, Step, Summaries};
+use crate::backend::{
+    stats_then_elemt, Backend, Batch, Epilogue, EpilogueGrad, Grads, Reduced, Running, Step,
+    Summaries,
+};
 use crate::context::{Data, Tensor};
 use crate::error::Result;
 
@@ -145,7 +148,8 @@ impl GpuContext {
         Ok(Some((plan, partials)))
     }
 
-    /// The backward partials of (x, dy) into a scratch buffer.
+    /// The backward partials of (x, dy) into a scratch buffer; dy masked by
+    /// `relu_y` > 0 where given.
     fn bwd_partials(
         &self,
         batch: &mut Batch,
@@ -153,22 +157,33 @@ impl GpuContext {
         dy: &Tensor,
         x: &Tensor,
         saved: &Data,
+        relu_y: Option<&Tensor>,
     ) -> Result<Arc<GpuBuffer>> {
         let [partials] = self.buffers([plan.partials_len()])?;
         let family = plan.pick(Family::BwdPartials, Family::BwdPartialsCols);
         for chunk in plan.chunk_list() {
+            let mut params = plan.reduce(&chunk);
+            let y = match relu_y {
+                Some(y) => {
+                    params.flags |= FLAG_RELU;
+                    plan.part(buffer(y), &chunk)
+                }
+                None => (&self.dummy_read).into(),
+            };
             let binds = vec![
                 plan.part(buffer(x), &chunk),
                 plan.part(buffer(dy), &chunk),
                 data_buffer(saved).into(),
                 (&partials).into(),
+                y,
             ];
-            self.launch(batch, family, plan.vec4, plan.reduce(&chunk), binds);
+            self.launch(batch, family, plan.vec4, params, binds);
         }
         Ok(partials)
     }
 
-    /// The dx passes with the coefficients in `coef`.
+    /// The dx passes with the coefficients in `coef`; dy masked by `relu_y` > 0 where
+    /// given, and the masked dy written to `dz` where given.
     #[allow(clippy::too_many_arguments)]
     fn bwd_dx(
         &self,
@@ -179,8 +194,16 @@ impl GpuContext {
         coef: &Arc<GpuBuffer>,
         dx: &Arc<GpuBuffer>,
         training: bool,
+        relu_y: Option<&Tensor>,
+        dz: Option<&Arc<GpuBuffer>>,
     ) {
-        let flags = if training { FLAG_TRAINING } else { 0 };
+        let mut flags = if training { FLAG_TRAINING } else { 0 };
+        if relu_y.is_some() {
+            flags |= FLAG_RELU;
+        }
+        if dz.is_some() {
+            flags |= FLAG_DZ;
+        }
         let family = plan.pick(Family::BwdDx, Family::BwdDxCols);
         for chunk in plan.chunk_list() {
             let binds = vec![
@@ -188,6 +211,11 @@ impl GpuContext {
                 plan.part(buffer(dy), &chunk),
                 coef.into(),
                 plan.part(dx, &chunk),
+                relu_y.map_or_else(
+                    || (&self.dummy_read).into(),
+                    |y| plan.part(buffer(y), &chunk),
+                ),
+                dz.map_or_else(|| (&self.dummy_write).into(), |dz| plan.part(dz, &chunk)),
             ];
             self.launch(
                 batch,
@@ -410,10 +438,16 @@ impl Backend for GpuContext {
         running: Option<Running<'_>>,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
+        epi: Epilogue<'_>,
     ) -> Result<(Data, Data)> {
         let plan = self.plan(x.shape().view())?;
-        let Some(one) = plan.one_pass(self.one_pass_cap(), 1) else {
-            return stats_then_elemt(self, batch, x, eps, running, weight, bias);
+        // The one-pass kernel has no epilogue: the fused forward takes the two passes.
+        let one = epi
+            .is_none()
+            .then(|| plan.one_pass(self.one_pass_cap(), 1))
+            .flatten();
+        let Some(one) = one else {
+            return stats_then_elemt(self, batch, x, eps, running, weight, bias, epi);
         };
         let c = x.shape().channels();
         let [saved, y] = self.buffers([2 * c, x.numel()])?;
@@ -469,6 +503,7 @@ impl Backend for GpuContext {
         saved: &Data,
         weight: Option<&Tensor>,
         bias: Option<&Tensor>,
+        epi: Epilogue<'_>,
     ) -> Result<Data> {
         let plan = self.plan(x.shape().view())?;
         let [y] = self.buffers([x.numel()])?;
@@ -476,11 +511,15 @@ impl Backend for GpuContext {
             return Ok(gpu(y));
         }
         let mut flags = 0;
-        if weight.is_some() {
-            flags |= FLAG_WEIGHT;
-        }
-        if bias.is_some() {
-            flags |= FLAG_BIAS;
+        for (on, flag) in [
+            (weight.is_some(), FLAG_WEIGHT),
+            (bias.is_some(), FLAG_BIAS),
+            (epi.residual.is_some(), FLAG_RESIDUAL),
+            (epi.relu, FLAG_RELU),
+        ] {
+            if on {
+                flags |= flag;
+            }
         }
         let family = plan.pick(Family::Apply, Family::ApplyCols);
         for chunk in plan.chunk_list() {
@@ -490,6 +529,10 @@ impl Backend for GpuContext {
                 self.or_dummy(weight),
                 self.or_dummy(bias),
                 plan.part(&y, &chunk),
+                epi.residual.map_or_else(
+                    || (&self.dummy_read).into(),
+                    |z| plan.part(buffer(z), &chunk),
+                ),
             ];
             self.launch(
                 batch,
@@ -520,7 +563,7 @@ impl Backend for GpuContext {
             self.fill_zero(&dw, c);
             self.fill_zero(&db, c);
         } else {
-            let partials = self.bwd_partials(batch, &plan, dy, x, saved)?;
+            let partials = self.bwd_partials(batch, &plan, dy, x, saved, None)?;
             let mut flags = FLAG_SUMS;
             if dweight {
                 flags |= FLAG_DWEIGHT;
@@ -589,7 +632,7 @@ impl Backend for GpuContext {
             (&coef).into(),
         ];
         self.launch(batch, Family::BwdFinalize, false, params, binds);
-        self.bwd_dx(batch, &plan, dy, x, &coef, &dx, sums.is_some());
+        self.bwd_dx(batch, &plan, dy, x, &coef, &dx, sums.is_some(), None, None);
         Ok(gpu(dx))
     }
 
@@ -602,13 +645,22 @@ impl Backend for GpuContext {
         weight: Option<&Tensor>,
         training: bool,
         (want_dx, want_dw, want_db): (bool, bool, bool),
-    ) -> Result<(Option<Data>, Option<Data>, Option<Data>)> {
+        epi: EpilogueGrad<'_>,
+    ) -> Result<Grads> {
         let c = x.shape().channels();
         let plan = self.plan(x.shape().view())?;
-        let [dx, dw, db, coef] =
-            self.buffers([if want_dx { x.numel() } else { 0 }, c, c, 4 * c])?;
-        let reduce = want_dw || want_db || (want_dx && training);
-        let one = (reduce || want_dx)
+        // dz comes out of the dx pass: with dz, that pass runs (dx is then written too).
+        let run_dx = want_dx || epi.dz;
+        let [dx, dw, db, coef, dz] = self.buffers([
+            if run_dx { x.numel() } else { 0 },
+            c,
+            c,
+            4 * c,
+            if epi.dz { x.numel() } else { 0 },
+        ])?;
+        let reduce = want_dw || want_db || (run_dx && training);
+        // The one-pass kernel has no epilogue: the fused backward takes the two passes.
+        let one = (epi.is_none() && (reduce || want_dx))
             .then(|| plan.one_pass(self.one_pass_cap(), 2))
             .flatten();
         if plan.is_empty() {
@@ -645,9 +697,9 @@ impl Backend for GpuContext {
                 },
             ];
             self.launch(batch, Family::BwdOnePass, false, params, binds);
-        } else if reduce || want_dx {
+        } else if reduce || run_dx {
             let partials: Bind = if reduce {
-                (&self.bwd_partials(batch, &plan, dy, x, saved)?).into()
+                (&self.bwd_partials(batch, &plan, dy, x, saved, epi.relu_y)?).into()
             } else {
                 (&self.dummy_read).into()
             };
@@ -675,15 +727,17 @@ impl Backend for GpuContext {
                 (&coef).into(),
             ];
             self.launch(batch, Family::BwdFinalize, false, params, binds);
-            if want_dx {
-                self.bwd_dx(batch, &plan, dy, x, &coef, &dx, training);
+            if run_dx {
+                let dz = epi.dz.then_some(&dz);
+                self.bwd_dx(batch, &plan, dy, x, &coef, &dx, training, epi.relu_y, dz);
             }
         }
-        Ok((
-            want_dx.then(|| gpu(dx)),
-            want_dw.then(|| gpu(dw)),
-            want_db.then(|| gpu(db)),
-        ))
+        Ok(Grads {
+            dx: want_dx.then(|| gpu(dx)),
+            dweight: want_dw.then(|| gpu(dw)),
+            dbias: want_db.then(|| gpu(db)),
+            dz: epi.dz.then(|| gpu(dz)),
+        })
     }
 
     fn submit(&self, batch: Batch) -> Result<()> {

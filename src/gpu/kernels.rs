@@ -59,6 +59,9 @@ pub(crate) const FLAG_SUMS: u32 = 256;
 pub(crate) const FLAG_DWEIGHT: u32 = 512;
 pub(crate) const FLAG_DBIAS: u32 = 1024;
 pub(crate) const FLAG_DX: u32 = 2048;
+pub(crate) const FLAG_RESIDUAL: u32 = 4096;
+pub(crate) const FLAG_RELU: u32 = 8192;
+pub(crate) const FLAG_DZ: u32 = 16384;
 
 const PRELUDE_VEC4: &str = include_str!("../../shaders/prelude_vec4.wgsl");
 const PRELUDE_SCALAR: &str = include_str!("../../shaders/prelude_scalar.wgsl");

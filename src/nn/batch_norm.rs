@@ -4,10 +4,11 @@
 //! runs through `F.batch_norm`.
 
 use super::state::{state_accessors, LayerState};
+use crate::backend::Epilogue;
 use crate::config::BatchNormConfig;
 use crate::context::{Context, Tensor};
 use crate::error::Result;
-use crate::ops::{ForwardOutput, GradMask, Gradients, SavedStats};
+use crate::ops::{ForwardOutput, GradMask, Gradients, ReluGradients, SavedStats};
 
 /// The whole state of a layer in host memory, as in a PyTorch state dict: `Some` exactly for
 /// what the configuration has (γ and β with `affine`; the running statistics and
@@ -121,6 +122,36 @@ impl BatchNorm {
         mask: GradMask,
     ) -> Result<Gradients> {
         self.state.local_backward(dy, x, saved, mask)
+    }
+
+    /// [`forward`](Self::forward) fused with a ReLU, and with the add of `residual` (x's
+    /// shape and layout) before it: y = relu(bn(x) + z), as a ResNet block's
+    /// `relu(bn(conv(x)) + identity)` ([`ops::batch_norm_relu`](crate::ops::batch_norm_relu)).
+    /// The state changes as in [`forward`](Self::forward).
+    pub fn forward_relu(&mut self, x: &Tensor, residual: Option<&Tensor>) -> Result<ForwardOutput> {
+        let epi = Epilogue {
+            residual,
+            relu: true,
+        };
+        if self.state.training {
+            self.state.forward_train_fused(x, epi)
+        } else {
+            self.state.forward_eval_fused(x, epi)
+        }
+    }
+
+    /// Backward of [`forward_relu`](Self::forward_relu), from its output `y`: dx, dγ, dβ of
+    /// the gradient the ReLU passes (dy where y > 0) and, with `residual` (the forward
+    /// added one), dz ([`ops::batch_norm_relu_backward`](crate::ops::batch_norm_relu_backward)).
+    pub fn backward_relu(
+        &mut self,
+        dy: &Tensor,
+        y: &Tensor,
+        x: &Tensor,
+        saved: &SavedStats,
+        residual: bool,
+    ) -> Result<ReluGradients> {
+        self.state.local_backward_relu(dy, y, x, saved, residual)
     }
 
     // ---- state access (load a PyTorch state dict, inspect training) ----

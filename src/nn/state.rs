@@ -4,10 +4,13 @@
 //! forward and backward both layers run.
 
 use super::batch_norm::BatchNormState;
+use crate::backend::Epilogue;
 use crate::config::BatchNormConfig;
 use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
-use crate::ops::{self, ForwardOutput, GradMask, Gradients, RunningStats, SavedStats};
+use crate::ops::{
+    self, ForwardOutput, GradMask, Gradients, ReluGradients, RunningStats, SavedStats,
+};
 
 /// A layer's state and mode. The layers' public state methods delegate here.
 pub(crate) struct LayerState {
@@ -86,12 +89,22 @@ impl LayerState {
     /// The training-mode forward of a single process ([`BatchNorm::forward_train`](
     /// super::BatchNorm::forward_train)).
     pub(crate) fn forward_train(&mut self, x: &Tensor) -> Result<ForwardOutput> {
+        self.forward_train_fused(x, Epilogue::NONE)
+    }
+
+    /// [`forward_train`](Self::forward_train) with an epilogue.
+    pub(crate) fn forward_train_fused(
+        &mut self,
+        x: &Tensor,
+        epi: Epilogue<'_>,
+    ) -> Result<ForwardOutput> {
         self.check_input(x, true)?;
         let nbt = self.next_num_batches_tracked();
         let momentum = self.config.momentum.factor(nbt);
         let running = running(&mut self.running_mean, &mut self.running_var, momentum);
         let (w, b) = (self.weight.as_ref(), self.bias.as_ref());
-        let (y, saved) = ops::forward(x, running, w, b, true, self.config.eps, true)?;
+        let eps = self.config.eps;
+        let (y, saved) = ops::forward_fused(x, running, w, b, true, eps, Some(epi))?;
         self.num_batches_tracked = nbt;
         Ok(ForwardOutput {
             y: y.expect("y was asked for"),
@@ -99,11 +112,12 @@ impl LayerState {
         })
     }
 
-    /// The inference-mode forward (y only when `with_y`). Changes no state.
+    /// The inference-mode forward (y, with its epilogue, only when `epi` is given). Changes
+    /// no state.
     pub(crate) fn eval_impl(
         &self,
         x: &Tensor,
-        with_y: bool,
+        epi: Option<Epilogue<'_>>,
     ) -> Result<(Option<Tensor>, SavedStats)> {
         let batch_stats = self.config.uses_batch_stats(false);
         self.check_input(x, batch_stats)?;
@@ -117,12 +131,21 @@ impl LayerState {
             _ => None,
         };
         let (w, b) = (self.weight.as_ref(), self.bias.as_ref());
-        ops::forward(x, running, w, b, batch_stats, self.config.eps, with_y)
+        ops::forward_fused(x, running, w, b, batch_stats, self.config.eps, epi)
     }
 
     /// [`eval_impl`](Self::eval_impl) with y, as a [`ForwardOutput`].
     pub(crate) fn forward_eval(&self, x: &Tensor) -> Result<ForwardOutput> {
-        let (y, saved) = self.eval_impl(x, true)?;
+        self.forward_eval_fused(x, Epilogue::NONE)
+    }
+
+    /// [`forward_eval`](Self::forward_eval) with an epilogue.
+    pub(crate) fn forward_eval_fused(
+        &self,
+        x: &Tensor,
+        epi: Epilogue<'_>,
+    ) -> Result<ForwardOutput> {
+        let (y, saved) = self.eval_impl(x, Some(epi))?;
         Ok(ForwardOutput {
             y: y.expect("y was asked for"),
             saved,
@@ -166,6 +189,22 @@ impl LayerState {
         ops::batch_norm_backward(dy, x, saved, self.weight.as_ref(), mask)
     }
 
+    /// The backward of a fused forward of a single process
+    /// ([`BatchNorm::backward_relu`](super::BatchNorm::backward_relu)).
+    pub(crate) fn local_backward_relu(
+        &self,
+        dy: &Tensor,
+        y: &Tensor,
+        x: &Tensor,
+        saved: &SavedStats,
+        residual: bool,
+    ) -> Result<ReluGradients> {
+        self.check_backward_args(dy, x, saved)?;
+        self.ctx.check_same("y", y.context().id())?;
+        let mask = self.affine_mask(GradMask::ALL);
+        ops::batch_norm_relu_backward(dy, y, x, saved, self.weight.as_ref(), residual, mask)
+    }
+
     /// The inference-mode backward with the running statistics as constants.
     pub(crate) fn backward_eval(&self, dy: &Tensor, x: &Tensor) -> Result<Gradients> {
         if !self.config.track_running_stats {
@@ -174,7 +213,7 @@ impl LayerState {
             });
         }
         // The frozen statistics, in the form an inference forward saves them (no y pass).
-        let (_, saved) = self.eval_impl(x, false)?;
+        let (_, saved) = self.eval_impl(x, None)?;
         self.local_backward(dy, x, &saved, GradMask::ALL)
     }
 

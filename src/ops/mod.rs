@@ -34,11 +34,11 @@
 mod types;
 
 pub use types::{
-    ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost, RunningStats,
-    SavedStats,
+    ForwardOutput, GradMask, GradSums, GradSumsHost, Gradients, Moments, MomentsHost,
+    ReluGradients, RunningStats, SavedStats,
 };
 
-use crate::backend::Summaries;
+use crate::backend::{Epilogue, EpilogueGrad, Summaries};
 use crate::config::{validate_eps, validate_momentum};
 use crate::context::{Context, Tensor};
 use crate::error::{Error, Result};
@@ -78,12 +78,18 @@ fn check_input(x: &Tensor, batch_stats: bool) -> Result<()> {
 
 /// Checks dy against x: same context, same shape and layout.
 fn check_dy(x: &Tensor, dy: &Tensor) -> Result<()> {
-    x.context().check_same("dy", dy.context().id())?;
-    if dy.shape() != x.shape() {
+    check_like(x, dy, "dy", "dy must have the shape and layout of x")
+}
+
+/// Checks a tensor that pairs with x value for value (dy, a residual, a fused output):
+/// same context, same shape and layout.
+fn check_like(x: &Tensor, t: &Tensor, name: &'static str, what: &'static str) -> Result<()> {
+    x.context().check_same(name, t.context().id())?;
+    if t.shape() != x.shape() {
         return Err(Error::ShapeMismatch {
-            what: "dy must have the shape and layout of x",
+            what,
             expected: x.dims().to_vec(),
-            got: dy.dims().to_vec(),
+            got: t.dims().to_vec(),
         });
     }
     Ok(())
@@ -149,6 +155,39 @@ pub fn batch_norm(
     })
 }
 
+/// Batch norm fused with a ReLU, and with the add of a residual before it:
+/// y = relu([`batch_norm`](x, …) + z), z = `residual` of x's shape and layout, or
+/// y = relu(batch_norm(x, …)) without one. cuDNN's `CUDNN_BATCHNORM_OPS_BN_ACTIVATION` and
+/// `…_BN_ADD_ACTIVATION`, as in a ResNet block's `relu(bn(conv(x)) + identity)`.
+///
+/// The arguments and the statistics are [`batch_norm`]'s; the add and the ReLU happen in
+/// the pass that writes y (no more passes over the tensor than plain batch norm, plus the
+/// read of z). The ReLU keeps NaN, as `torch.relu` does. Backward:
+/// [`batch_norm_relu_backward`] with this y.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_relu(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    running_mean: Option<&mut Tensor>,
+    running_var: Option<&mut Tensor>,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    training: bool,
+    momentum: f32,
+    eps: f32,
+) -> Result<ForwardOutput> {
+    let running = running_pair("batch_norm_relu", running_mean, running_var, momentum)?;
+    let epi = Epilogue {
+        residual,
+        relu: true,
+    };
+    let (y, saved) = forward_fused(x, running, weight, bias, training, eps, Some(epi))?;
+    Ok(ForwardOutput {
+        y: y.expect("y was asked for"),
+        saved,
+    })
+}
+
 /// A forward; `with_y = false` computes only the saved statistics (no pass writing y).
 pub(crate) fn forward(
     x: &Tensor,
@@ -159,9 +198,33 @@ pub(crate) fn forward(
     eps: f32,
     with_y: bool,
 ) -> Result<(Option<Tensor>, SavedStats)> {
+    let epi = with_y.then_some(Epilogue::NONE);
+    forward_fused(x, running, weight, bias, training, eps, epi)
+}
+
+/// [`forward`] with y and its epilogue when `epi` is given, only the statistics without.
+pub(crate) fn forward_fused(
+    x: &Tensor,
+    running: Option<RunningStats<'_>>,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    training: bool,
+    eps: f32,
+    epi: Option<Epilogue<'_>>,
+) -> Result<(Option<Tensor>, SavedStats)> {
     let ctx = x.context();
+    let with_y = epi.is_some();
+    let epi = epi.unwrap_or_default();
     validate_eps(eps)?;
     check_input(x, training)?;
+    if let Some(z) = epi.residual {
+        check_like(
+            x,
+            z,
+            "residual",
+            "the residual must have the shape and layout of x",
+        )?;
+    }
     let c = x.shape().channels();
     check_param(ctx, weight, "weight", c)?;
     check_param(ctx, bias, "bias", c)?;
@@ -169,7 +232,7 @@ pub(crate) fn forward(
     let k = ctx.kernels();
     let mut batch = k.begin()?;
     let (saved, y) = if training && with_y {
-        let (saved, y) = k.train_forward(&mut batch, x, eps, running, weight, bias)?;
+        let (saved, y) = k.train_forward(&mut batch, x, eps, running, weight, bias, epi)?;
         (saved, Some(y))
     } else {
         let saved = if training {
@@ -183,7 +246,7 @@ pub(crate) fn forward(
             k.running_stats(&mut batch, r.mean, r.var, eps)?
         };
         let y = if with_y {
-            Some(k.elemt(&mut batch, x, &saved, weight, bias)?)
+            Some(k.elemt(&mut batch, x, &saved, weight, bias, epi)?)
         } else {
             None
         };
@@ -207,6 +270,50 @@ pub fn batch_norm_backward(
     weight: Option<&Tensor>,
     mask: GradMask,
 ) -> Result<Gradients> {
+    let g = backward_fused(dy, x, saved, weight, mask, EpilogueGrad::NONE)?;
+    Ok(Gradients {
+        dx: g.dx,
+        dweight: g.dweight,
+        dbias: g.dbias,
+    })
+}
+
+/// Backward of [`batch_norm_relu`], as PyTorch's autograd computes it for
+/// `relu(batch_norm(x, …) + z)`: the ReLU passes dy where the fused output `y` is > 0
+/// (threshold_backward on the result), g = dy·[y > 0]; then dx, dγ, dβ are
+/// [`batch_norm_backward`]'s of g (as `mask` asks), and with `residual` (the forward added
+/// one) dz = g. The mask is read from y as dy is, in the same passes.
+pub fn batch_norm_relu_backward(
+    dy: &Tensor,
+    y: &Tensor,
+    x: &Tensor,
+    saved: &SavedStats,
+    weight: Option<&Tensor>,
+    residual: bool,
+    mask: GradMask,
+) -> Result<ReluGradients> {
+    check_like(
+        x,
+        y,
+        "y",
+        "y (the fused forward's output) must have the shape and layout of x",
+    )?;
+    let epi = EpilogueGrad {
+        relu_y: Some(y),
+        dz: residual,
+    };
+    backward_fused(dy, x, saved, weight, mask, epi)
+}
+
+/// [`batch_norm_backward`] with the backward of an epilogue.
+fn backward_fused(
+    dy: &Tensor,
+    x: &Tensor,
+    saved: &SavedStats,
+    weight: Option<&Tensor>,
+    mask: GradMask,
+    epi: EpilogueGrad<'_>,
+) -> Result<ReluGradients> {
     let ctx = x.context();
     check_input(x, false)?;
     check_dy(x, dy)?;
@@ -215,7 +322,7 @@ pub fn batch_norm_backward(
     check_param(ctx, weight, "weight", c)?;
     let k = ctx.kernels();
     let mut batch = k.begin()?;
-    let (dx, dw, db) = k.backward(
+    let g = k.backward(
         &mut batch,
         dy,
         x,
@@ -223,13 +330,16 @@ pub fn batch_norm_backward(
         weight,
         saved.is_batch_stats(),
         (mask.input, mask.weight, mask.bias),
+        epi,
     )?;
     k.submit(batch)?;
     let per_channel = |d| Tensor::new(ctx, Shape::new(&[c]).expect("rank 1"), d);
-    Ok(Gradients {
-        dx: dx.map(|d| Tensor::new(ctx, x.shape().clone(), d)),
-        dweight: dw.map(per_channel),
-        dbias: db.map(per_channel),
+    let like_x = |d| Tensor::new(ctx, x.shape().clone(), d);
+    Ok(ReluGradients {
+        dx: g.dx.map(like_x),
+        dweight: g.dweight.map(per_channel),
+        dbias: g.dbias.map(per_channel),
+        dz: g.dz.map(like_x),
     })
 }
 
@@ -310,7 +420,7 @@ pub fn batch_norm_elemt(
     check_param(ctx, bias, "bias", c)?;
     let k = ctx.kernels();
     let mut batch = k.begin()?;
-    let y = k.elemt(&mut batch, x, &saved.data, weight, bias)?;
+    let y = k.elemt(&mut batch, x, &saved.data, weight, bias, Epilogue::NONE)?;
     k.submit(batch)?;
     Ok(Tensor::new(ctx, x.shape().clone(), y))
 }

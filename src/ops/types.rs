@@ -419,3 +419,17 @@ pub struct Gradients {
     /// The gradient of β, one per channel.
     pub dbias: Option<Tensor>,
 }
+
+/// Gradients of [`batch_norm_relu_backward`](crate::ops::batch_norm_relu_backward): those of
+/// [`Gradients`] and, when the forward added a residual, its gradient dz.
+#[derive(Clone, Debug)]
+pub struct ReluGradients {
+    /// The input gradient, same shape and layout as the input.
+    pub dx: Option<Tensor>,
+    /// The gradient of γ, one per channel.
+    pub dweight: Option<Tensor>,
+    /// The gradient of β, one per channel.
+    pub dbias: Option<Tensor>,
+    /// The residual's gradient dz = dy·[y > 0], same shape and layout as the input.
+    pub dz: Option<Tensor>,
+}
