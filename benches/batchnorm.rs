@@ -20,7 +20,7 @@ fn benches(c: &mut Criterion) {
             .iter()
             .map(|ctx| prepare(ctx, case).expect("prepare"))
             .collect();
-        for op in Op::ALL {
+        for op in Op::ALL.into_iter().chain(Op::FUSED) {
             let mut group = c.benchmark_group(format!("{}/{}", case.name, op.name()));
             group.throughput(Throughput::Bytes((numel * op.bytes_per_element()) as u64));
             group.sample_size(10);

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use wgpu::util::DeviceExt;
 use wgpu_batchnorm::cpu::pool;
-use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, Layout, SavedStats, Tensor};
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, Context, ForwardOutput, Layout, SavedStats, Tensor,
+};
 
 /// One shape of the suite; names are used everywhere (benches, report, notes).
 pub struct Case {
@@ -59,26 +61,55 @@ pub enum Op {
     TrainFwd,
     EvalFwd,
     TrainBwd,
+    /// Training forward fused with the add of a residual and a ReLU.
+    TrainFwdAddRelu,
+    /// The unfused way: a plain training forward, then a separate add + ReLU pass.
+    TrainFwdThenAddRelu,
+    /// The fused backward: dy masked by y > 0 as it is read, dx, dγ, dβ and dz.
+    TrainBwdAddRelu,
 }
 
 impl Op {
     pub const ALL: [Op; 3] = [Op::TrainFwd, Op::EvalFwd, Op::TrainBwd];
+    /// The fused-epilogue rows (bench_report --fused), each beside its plain op.
+    pub const FUSED: [Op; 3] = [
+        Op::TrainFwdAddRelu,
+        Op::TrainFwdThenAddRelu,
+        Op::TrainBwdAddRelu,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Op::TrainFwd => "train_fwd",
             Op::EvalFwd => "eval_fwd",
             Op::TrainBwd => "train_bwd",
+            Op::TrainFwdAddRelu => "train_fwd_add_relu",
+            Op::TrainFwdThenAddRelu => "train_fwd+add_relu_pass",
+            Op::TrainBwdAddRelu => "train_bwd_add_relu",
         }
     }
 
     /// Minimal traffic per element: train forward reads x twice and writes y; inference
-    /// reads x and writes y; backward reads x and dy twice and writes dx.
+    /// reads x and writes y; backward reads x and dy twice and writes dx. The fused forward
+    /// also reads z (16); the unfused one adds a pass reading y and z and writing the
+    /// result (24); the fused backward reads y with dy and writes dz (32).
     pub fn bytes_per_element(self) -> usize {
         match self {
             Op::TrainFwd => 12,
             Op::EvalFwd => 8,
             Op::TrainBwd => 20,
+            Op::TrainFwdAddRelu => 16,
+            Op::TrainFwdThenAddRelu => 24,
+            Op::TrainBwdAddRelu => 32,
+        }
+    }
+
+    /// The plain op a fused row is compared with.
+    pub fn plain(self) -> Op {
+        match self {
+            Op::TrainFwdAddRelu | Op::TrainFwdThenAddRelu => Op::TrainFwd,
+            Op::TrainBwdAddRelu => Op::TrainBwd,
+            op => op,
         }
     }
 }
@@ -91,6 +122,11 @@ pub struct Prepared {
     pub dy: Tensor,
     pub saved: SavedStats,
     pub numel: usize,
+    /// The residual, the fused forward's output and its statistics (the fused backward's
+    /// inputs), and the separate add + ReLU pass of the unfused comparison.
+    pub z: Tensor,
+    pub fused: ForwardOutput,
+    pub add_relu: AddRelu,
 }
 
 pub fn data(len: usize, seed: u32) -> Vec<f32> {
@@ -109,8 +145,11 @@ pub fn prepare(ctx: &Context, case: &Case) -> wgpu_batchnorm::Result<Prepared> {
     let numel: usize = case.dims.iter().product();
     let x = ctx.tensor_with_layout(&data(numel, 1), case.dims, case.layout)?;
     let dy = ctx.tensor_with_layout(&data(numel, 2), case.dims, case.layout)?;
+    let z = ctx.tensor_with_layout(&data(numel, 4), case.dims, case.layout)?;
     let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(case.dims[1]))?;
     let saved = bn.forward_train(&x)?.saved;
+    let fused = bn.forward_relu(&x, Some(&z))?;
+    let add_relu = AddRelu::new(ctx, numel);
     ctx.synchronize()?;
     Ok(Prepared {
         ctx: ctx.clone(),
@@ -119,6 +158,9 @@ pub fn prepare(ctx: &Context, case: &Case) -> wgpu_batchnorm::Result<Prepared> {
         dy,
         saved,
         numel,
+        z,
+        fused,
+        add_relu,
     })
 }
 
@@ -129,6 +171,15 @@ impl Prepared {
             Op::TrainFwd => drop(self.bn.forward_train(&self.x)?),
             Op::EvalFwd => drop(self.bn.forward_eval(&self.x)?),
             Op::TrainBwd => drop(self.bn.backward(&self.dy, &self.x, &self.saved)?),
+            Op::TrainFwdAddRelu => drop(self.bn.forward_relu(&self.x, Some(&self.z))?),
+            Op::TrainFwdThenAddRelu => {
+                drop(self.bn.forward_train(&self.x)?);
+                self.add_relu.run();
+            }
+            Op::TrainBwdAddRelu => {
+                let (y, saved) = (&self.fused.y, &self.fused.saved);
+                drop(self.bn.backward_relu(&self.dy, y, &self.x, saved, true)?)
+            }
         }
         Ok(())
     }
@@ -157,6 +208,131 @@ impl Prepared {
         let t = self.ctx.take_kernel_time().ok().flatten();
         self.ctx.set_kernel_timing(false);
         t.map(|d| d.as_secs_f64() * 1e3 / iters as f64)
+    }
+}
+
+/// A separate out = max(y + z, 0) pass over resident buffers of a tensor's size: a vec4
+/// kernel (benches/add_relu.wgsl) on a GPU, a multithreaded loop on the CPU (`cpu::pool`).
+/// It runs on buffers of its own, as a framework's elementwise op would on the batch norm's
+/// output: the same traffic.
+pub enum AddRelu {
+    Gpu {
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        pipeline: wgpu::ComputePipeline,
+        bind_group: wgpu::BindGroup,
+        grid: (u32, u32),
+    },
+    Cpu {
+        y: Vec<f32>,
+        z: Vec<f32>,
+        out: Vec<f32>,
+    },
+}
+
+impl AddRelu {
+    pub fn new(ctx: &Context, numel: usize) -> Self {
+        let len = numel.div_ceil(4) * 4;
+        let Some((device, queue)) = ctx.wgpu() else {
+            return AddRelu::Cpu {
+                y: data(len, 5),
+                z: data(len, 6),
+                out: vec![0.0; len],
+            };
+        };
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("add_relu"),
+            source: wgpu::ShaderSource::Wgsl(include_str!("add_relu.wgsl").into()),
+        });
+        let usage = wgpu::BufferUsages::STORAGE;
+        let input = |seed| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("add_relu input"),
+                contents: bytemuck::cast_slice(&data(len, seed)),
+                usage,
+            })
+        };
+        let (y, z) = (input(5), input(6));
+        let out = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("add_relu out"),
+            size: (len * 4) as u64,
+            usage,
+            mapped_at_creation: false,
+        });
+        let total = (len / 4) as u32;
+        let groups = total.div_ceil(256 * 8).max(1);
+        let gx = groups.min(65535);
+        let params: [u32; 4] = [total, groups * 256, groups, gx];
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("add_relu params"),
+            contents: bytemuck::cast_slice(&params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("add_relu"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let entries: Vec<_> = [&uniform, &y, &z, &out]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("add_relu"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        AddRelu::Gpu {
+            device: device.clone(),
+            queue: queue.clone(),
+            pipeline,
+            bind_group,
+            grid: (gx, groups.div_ceil(gx)),
+        }
+    }
+
+    /// One pass, submitted (the caller waits).
+    pub fn run(&mut self) {
+        match self {
+            AddRelu::Cpu { y, z, out } => {
+                const CHUNK: usize = 1 << 16;
+                let chunks: Vec<Mutex<&mut [f32]>> =
+                    out.chunks_mut(CHUNK).map(Mutex::new).collect();
+                pool::for_each(chunks.len(), |i| {
+                    let mut o = chunks[i].lock().expect("not poisoned");
+                    let n = o.len();
+                    let (ys, zs) = (&y[i * CHUNK..][..n], &z[i * CHUNK..][..n]);
+                    for ((o, &a), &b) in o.iter_mut().zip(ys).zip(zs) {
+                        *o = (a + b).max(0.0);
+                    }
+                });
+                drop(chunks);
+                std::hint::black_box(&out);
+            }
+            AddRelu::Gpu {
+                device,
+                queue,
+                pipeline,
+                bind_group,
+                grid,
+            } => {
+                let mut enc = device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(pipeline);
+                    pass.set_bind_group(0, &*bind_group, &[]);
+                    pass.dispatch_workgroups(grid.0, grid.1, 1);
+                }
+                queue.submit(Some(enc.finish()));
+            }
+        }
     }
 }
 

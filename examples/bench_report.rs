@@ -30,6 +30,9 @@ usage: bench_report [options]
   --chart FILE.png      also draw the % of the copy ceiling per row as a PNG
   --one-pass            also measure every GPU adapter with the one-pass kernels on
                         (rows \"<backend> one-pass\"), an A/B against the default ones
+  --fused               also measure the fused add + ReLU (forward and backward) and the
+                        unfused forward then add + ReLU pass; their \"vs plain\" column
+                        is the time over the plain op's on the same backend
   --help                this text";
 
 /// One measured row.
@@ -43,6 +46,8 @@ struct Row {
     pct_copy: f64,
     vs_cpu: Option<f64>,
     pytorch_ms: Option<f64>,
+    /// A fused-epilogue row: its time over the plain op's, same shape and backend.
+    vs_plain: Option<f64>,
 }
 
 struct Args {
@@ -53,6 +58,7 @@ struct Args {
     pytorch: Option<String>,
     chart: Option<String>,
     one_pass: bool,
+    fused: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -64,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
         pytorch: None,
         chart: None,
         one_pass: false,
+        fused: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -96,6 +103,7 @@ fn parse_args() -> Result<Args, String> {
             "--pytorch" => args.pytorch = Some(value()?),
             "--chart" => args.chart = Some(value()?),
             "--one-pass" => args.one_pass = true,
+            "--fused" => args.fused = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -154,7 +162,12 @@ fn main() {
         std::process::exit(2);
     }
     let mut all = Vec::new();
-    let print = Printer::new(&args.format, !pytorch.is_empty());
+    let print = Printer::new(&args.format, !pytorch.is_empty(), args.fused);
+    let ops: Vec<Op> = if args.fused {
+        Op::ALL.into_iter().chain(Op::FUSED).collect()
+    } else {
+        Op::ALL.to_vec()
+    };
     for case in SUITE {
         if args
             .shapes
@@ -176,13 +189,19 @@ fn main() {
             let mut copier = Copier::new(ctx, numel * 4);
             let copy_ms = median_ms(|i| copier.time(i), 5, args.min_time);
             let copy_gbs = (numel * 8) as f64 / copy_ms / 1e6;
-            for op in Op::ALL {
+            for &op in &ops {
                 let ms = median_ms(|i| p.time(op, i), 5, args.min_time);
                 let kernel = p.kernel_ms(op, 5);
                 measured.push((op, label.clone(), ms, copy_gbs, kernel));
             }
         }
-        for op in Op::ALL {
+        for &op in &ops {
+            let plain_ms = |backend: &str| {
+                measured
+                    .iter()
+                    .find(|r| r.0 == op.plain() && r.1 == backend)
+                    .map(|r| r.2)
+            };
             let cpu_ms = measured
                 .iter()
                 .find(|r| r.0 == op && r.1 == "cpu")
@@ -202,6 +221,9 @@ fn main() {
                         .then(|| pytorch.get(&(case.name.to_string(), op.name().to_string())))
                         .flatten()
                         .copied(),
+                    vs_plain: (op.plain() != op)
+                        .then(|| plain_ms(backend).map(|p| ms / p))
+                        .flatten(),
                 };
                 print.row(&row);
                 all.push(row);
@@ -223,27 +245,35 @@ fn main() {
 struct Printer {
     format: String,
     pytorch: bool,
+    fused: bool,
 }
 
 impl Printer {
-    fn new(format: &str, pytorch: bool) -> Self {
+    fn new(format: &str, pytorch: bool, fused: bool) -> Self {
         let p = Self {
             format: format.into(),
             pytorch,
+            fused,
         };
         match format {
             "md" => {
-                let extra = if pytorch {
-                    " PyTorch CPU ms | ours vs PyTorch |"
-                } else {
-                    ""
-                };
+                let mut extra = String::new();
+                let mut rule = String::new();
+                if pytorch {
+                    extra += " PyTorch CPU ms | ours vs PyTorch |";
+                    rule += "---:|---:|";
+                }
+                if fused {
+                    extra += " vs plain |";
+                    rule += "---:|";
+                }
                 println!("| shape | op | backend | median ms | kernel ms | GB/s | % of copy | vs CPU path |{extra}");
-                let extra = if pytorch { "---:|---:|" } else { "" };
-                println!("|---|---|---|---:|---:|---:|---:|---:|{extra}");
+                println!("|---|---|---|---:|---:|---:|---:|---:|{rule}");
             }
             "csv" => {
-                println!("shape,op,backend,median_ms,kernel_ms,gbs,pct_copy,vs_cpu,pytorch_ms")
+                println!(
+                    "shape,op,backend,median_ms,kernel_ms,gbs,pct_copy,vs_cpu,pytorch_ms,vs_plain"
+                )
             }
             _ => {}
         }
@@ -259,8 +289,16 @@ impl Printer {
                     (true, Some(t)) => format!(" {t:.3} | {:.2}× |", t / r.ms),
                     (true, None) => " | |".into(),
                 };
+                let plain = if self.fused {
+                    format!(
+                        " {} |",
+                        opt(r.vs_plain, 2).map(|v| v + "×").unwrap_or_default()
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "| {} | {} | {} | {:.3} | {} | {:.1} | {:.0} % | {} |{}",
+                    "| {} | {} | {} | {:.3} | {} | {:.1} | {:.0} % | {} |{}{}",
                     r.shape,
                     r.op.name(),
                     r.backend,
@@ -269,11 +307,12 @@ impl Printer {
                     r.gbs,
                     r.pct_copy,
                     opt(r.vs_cpu, 2).map(|v| v + "×").unwrap_or_default(),
-                    torch
+                    torch,
+                    plain
                 );
             }
             "csv" => println!(
-                "{},{},{},{:.4},{},{:.2},{:.1},{},{}",
+                "{},{},{},{:.4},{},{:.2},{:.1},{},{},{}",
                 r.shape,
                 r.op.name(),
                 r.backend,
@@ -282,12 +321,13 @@ impl Printer {
                 r.gbs,
                 r.pct_copy,
                 opt(r.vs_cpu, 3).unwrap_or_default(),
-                opt(r.pytorch_ms, 4).unwrap_or_default()
+                opt(r.pytorch_ms, 4).unwrap_or_default(),
+                opt(r.vs_plain, 3).unwrap_or_default()
             ),
             _ => {
                 let num = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v}"));
                 println!(
-                    "{{\"shape\":\"{}\",\"op\":\"{}\",\"backend\":\"{}\",\"median_ms\":{},\"kernel_ms\":{},\"gbs\":{},\"pct_copy\":{},\"vs_cpu\":{},\"pytorch_ms\":{}}}",
+                    "{{\"shape\":\"{}\",\"op\":\"{}\",\"backend\":\"{}\",\"median_ms\":{},\"kernel_ms\":{},\"gbs\":{},\"pct_copy\":{},\"vs_cpu\":{},\"pytorch_ms\":{},\"vs_plain\":{}}}",
                     r.shape,
                     r.op.name(),
                     r.backend.replace('"', "'"),
@@ -296,7 +336,8 @@ impl Printer {
                     r.gbs,
                     r.pct_copy,
                     num(r.vs_cpu),
-                    num(r.pytorch_ms)
+                    num(r.pytorch_ms),
+                    num(r.vs_plain)
                 );
             }
         }

@@ -54,7 +54,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let mean = V(st.x);
     let scale = gamma * st.y;
     let shift = V(beta);
-    if (has(FLAG_RESIDUAL | FLAG_RELU)) {
+    if (FUSED) {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
             y[i] = finish((x[i] - mean) * scale + shift, i);
         }

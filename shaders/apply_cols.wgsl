@@ -51,7 +51,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let row0 = pos.tile * p.tile_len;
     let row1 = min(row0 + p.tile_len, p.outer);
-    if (has(FLAG_RESIDUAL | FLAG_RELU)) {
+    if (FUSED) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;
             y[i] = finish((x[i] - mean) * scale + shift, i);

@@ -1,8 +1,9 @@
 // Backward, pass 2 over the data, for long runs (see apply.wgsl):
 //   dx = a·dy + b·(x − μ) − a·mean(dy), coefficients per channel from bwd_finalize.
-// Reads x and dy once, writes dx once. The fused epilogue's backward masks dy by y > 0
-// (FLAG_RELU) and writes the masked dy as dz (FLAG_DZ) in the same pass. In eval mode dx = a·dy exactly and x is not read (a
-// non-finite x cannot leak into dx). Short runs use bwd_dx_cols.wgsl.
+// Reads x and dy once, writes dx once. In eval mode dx = a·dy exactly and x is not read (a
+// non-finite x cannot leak into dx). The FUSED variant (the fused epilogue's backward)
+// masks dy by y > 0 (FLAG_RELU) and writes the masked dy as dz (FLAG_DZ) in the same pass.
+// Short runs use bwd_dx_cols.wgsl.
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read> dy: array<V>;
@@ -40,12 +41,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         end = min(start + p.tile_len, (run + 1u) * p.inner);
     }
     let k = coef[run % p.channels];
-    let fused = has(FLAG_RELU | FLAG_DZ);
-    if (fused && has(FLAG_TRAINING)) {
+    if (FUSED && has(FLAG_TRAINING)) {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
             dx[i] = k.y * grad_at(i) + k.z * (x[i] - V(k.x)) - V(k.w);
         }
-    } else if (fused) {
+    } else if (FUSED) {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
             dx[i] = k.y * grad_at(i);
         }

@@ -44,13 +44,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let row0 = pos.tile * p.tile_len;
     let row1 = min(row0 + p.tile_len, p.outer);
-    let fused = has(FLAG_RELU | FLAG_DZ);
-    if (fused && has(FLAG_TRAINING)) {
+    if (FUSED && has(FLAG_TRAINING)) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;
             dx[i] = a * grad_at(i) + b * (x[i] - mu) - d;
         }
-    } else if (fused) {
+    } else if (FUSED) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;
             dx[i] = a * grad_at(i);

@@ -9,14 +9,6 @@
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> y: array<V>; // the fused forward's output, read with FLAG_RELU
 
-// The gradient reaching the batch norm at unit i: dy, masked by y > 0 with FLAG_RELU.
-fn grad_at(i: u32) -> V {
-    if (has(FLAG_RELU)) {
-        return relu_grad(dy[i], y[i]);
-    }
-    return dy[i];
-}
-
 var<workgroup> sh: array<vec2<f32>, WG>;
 
 @compute @workgroup_size(WG)
@@ -41,10 +33,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         let seg_end = min((o + 1u) * p.inner, u1);
         let base = p.base + (o * (p.channels - 1u) + c) * p.inner;
-        for (var j = seg + lid; j < seg_end; j += WG) {
-            let g_out = grad_at(base + j);
-            sdy += g_out;
-            sdyx += g_out * (x[base + j] - mu);
+        if (FUSED) {
+            for (var j = seg + lid; j < seg_end; j += WG) {
+                let g_out = relu_grad(dy[base + j], y[base + j]);
+                sdy += g_out;
+                sdyx += g_out * (x[base + j] - mu);
+            }
+        } else {
+            for (var j = seg + lid; j < seg_end; j += WG) {
+                let g_out = dy[base + j];
+                sdy += g_out;
+                sdyx += g_out * (x[base + j] - mu);
+            }
         }
         seg = seg_end;
         o += 1u;

@@ -8,14 +8,6 @@
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> y: array<V>; // the fused forward's output, read with FLAG_RELU
 
-// The gradient reaching the batch norm at unit i: dy, masked by y > 0 with FLAG_RELU.
-fn grad_at(i: u32) -> V {
-    if (has(FLAG_RELU)) {
-        return relu_grad(dy[i], y[i]);
-    }
-    return dy[i];
-}
-
 var<workgroup> sh_dy: array<V, WG>;
 var<workgroup> sh_dyx: array<V, WG>;
 
@@ -36,11 +28,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var l = 0u; l < VW; l++) {
             set_lane(&mu, l, stats[(pos.q * VW + l) / p.inner].x);
         }
-        for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
-            let i = p.base + o * p.total + pos.q;
-            let gv = grad_at(i);
-            sdy += gv;
-            sdyx += gv * (x[i] - mu);
+        if (FUSED) {
+            for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+                let i = p.base + o * p.total + pos.q;
+                let gv = relu_grad(dy[i], y[i]);
+                sdy += gv;
+                sdyx += gv * (x[i] - mu);
+            }
+        } else {
+            for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+                let i = p.base + o * p.total + pos.q;
+                let gv = dy[i];
+                sdy += gv;
+                sdyx += gv * (x[i] - mu);
+            }
         }
     }
     sh_dy[lid] = sdy;

@@ -1,4 +1,5 @@
-// Shared by every kernel. The host prepends `const WG: u32 = …;` and one prelude
+// Shared by every kernel. The host prepends `const WG: u32 = …;`, `const CAP`, `const FUSED`
+// and one prelude
 // (prelude_vec4.wgsl or prelude_scalar.wgsl) that defines `V`, `VW`, `hsum` and `finite_v`.
 //
 // Data model: every tensor is viewed as (outer, channels, inner) in units of V, so that
@@ -55,8 +56,10 @@ const FLAG_DWEIGHT: u32 = 512u;
 const FLAG_DBIAS: u32 = 1024u;
 // bwd_onepass: write dx.
 const FLAG_DX: u32 = 2048u;
-// Fused epilogue, y = relu(bn(x) + z). apply*: add the residual z; apply*: relu, and
-// bwd_partials* / bwd_dx*: mask dy by y > 0 (the fused forward's output).
+// Fused epilogue, y = relu(bn(x) + z), in the kernels' FUSED variants (the host prepends
+// `const FUSED: bool`, and picks that variant where a launch sets one of these flags).
+// apply*: add the residual z; apply*: relu, and bwd_partials* / bwd_dx*: mask dy by y > 0
+// (the fused forward's output).
 const FLAG_RESIDUAL: u32 = 4096u;
 const FLAG_RELU: u32 = 8192u;
 // bwd_dx*: write dz = the masked dy (the residual's gradient).

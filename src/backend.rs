@@ -57,7 +57,7 @@ impl Epilogue<'_> {
 }
 
 /// The backward of an [`Epilogue`]: the gradient reaching the batch norm is
-/// g = dy·[y > 0] with the ReLU (`relu_y` is the fused forward's output), dy without; with a
+/// g = dy·\[y > 0\] with the ReLU (`relu_y` is the fused forward's output), dy without; with a
 /// residual, dz = g as well.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct EpilogueGrad<'a> {

@@ -6,7 +6,7 @@
 //! uniform with [`Params`] and binds buffers in order (binding 0 is the uniform, then the
 //! buffers as listed in the kernel's WGSL file).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -145,6 +145,20 @@ impl Family {
         matches!(self, Family::FwdOnePass | Family::BwdOnePass)
     }
 
+    /// Whether the family has the fused-epilogue variants (`FUSED = true`: the add of a
+    /// residual, the ReLU, and its mask in the backward), built on first use.
+    fn has_epilogue(self) -> bool {
+        matches!(
+            self,
+            Family::Apply
+                | Family::ApplyCols
+                | Family::BwdPartials
+                | Family::BwdPartialsCols
+                | Family::BwdDx
+                | Family::BwdDxCols
+        )
+    }
+
     /// Whether the family is built twice, over vec4 and scalar units (the per-channel
     /// finalize passes are scalar only).
     fn vectorized(self) -> bool {
@@ -160,12 +174,21 @@ impl Family {
 }
 
 /// The complete WGSL of one kernel variant; `cap`: the one-pass kernels' floats of
-/// workgroup memory for values.
-pub(crate) fn compose(body: &str, vec4: bool, cap: u32) -> String {
+/// workgroup memory for values; `fused`: the fused-epilogue variant. `FUSED` is a constant
+/// so that the plain variant compiles to the plain kernel: the epilogue's code is dead
+/// there (a uniform test instead cost the plain kernels 5–20 % on the software adapters,
+/// benches/NOTES.md), while its bindings stay in the layout, so that both variants bind
+/// alike.
+pub(crate) fn compose(body: &str, vec4: bool, cap: u32, fused: bool) -> String {
     let prelude = if vec4 { PRELUDE_VEC4 } else { PRELUDE_SCALAR };
     format!(
-        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\n{prelude}\n{COMMON}\n{body}"
+        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\nconst FUSED: bool = {fused};\n{prelude}\n{COMMON}\n{body}"
     )
+}
+
+/// Whether a launch of a family with epilogue variants takes the fused one.
+fn fused(flags: u32) -> bool {
+    flags & (FLAG_RESIDUAL | FLAG_RELU | FLAG_DZ) != 0
 }
 
 /// Floats of workgroup memory the one-pass kernels keep values in, on a device with
@@ -185,9 +208,19 @@ pub fn shader_sources() -> Vec<(String, String)> {
     let cap = one_pass_cap(16 << 10);
     for family in Family::ALL {
         let (name, body) = (family.name(), family.source());
-        out.push((format!("{name}_scalar"), compose(body, false, cap)));
-        if family.vectorized() {
-            out.push((format!("{name}_vec4"), compose(body, true, cap)));
+        for fused in [false, true] {
+            if fused && !family.has_epilogue() {
+                continue;
+            }
+            let name = if fused {
+                format!("{name}_fused")
+            } else {
+                name.to_string()
+            };
+            out.push((format!("{name}_scalar"), compose(body, false, cap, fused)));
+            if family.vectorized() {
+                out.push((format!("{name}_vec4"), compose(body, true, cap, fused)));
+            }
         }
     }
     out
@@ -231,14 +264,17 @@ impl Kernel {
     }
 }
 
-/// A kernel in its vec4 and scalar variants.
+/// A kernel in its vec4 and scalar variants, and, for the families with an epilogue, its
+/// fused variants (built on first use: most contexts never fuse).
 pub(crate) struct Variants {
     vec4: Option<Kernel>,
     scalar: Kernel,
+    fused_vec4: OnceLock<Kernel>,
+    fused_scalar: OnceLock<Kernel>,
 }
 
 impl Variants {
-    pub fn get(&self, vec4: bool) -> &Kernel {
+    fn get(&self, vec4: bool) -> &Kernel {
         match (&self.vec4, vec4) {
             (Some(k), true) => k,
             _ => &self.scalar,
@@ -248,6 +284,7 @@ impl Variants {
 
 /// All pipelines of a context, by [`Family`].
 pub(crate) struct Kernels {
+    device: wgpu::Device,
     families: Vec<Option<Variants>>,
     /// Floats of workgroup memory the one-pass kernels hold values in; None where they
     /// are not asked for or the device cannot run them (too few storage buffers per
@@ -272,28 +309,44 @@ impl Kernels {
                 Some(Variants {
                     vec4: f
                         .vectorized()
-                        .then(|| Kernel::new(device, name, &compose(body, true, cap))),
-                    scalar: Kernel::new(device, name, &compose(body, false, cap)),
+                        .then(|| Kernel::new(device, name, &compose(body, true, cap, false))),
+                    scalar: Kernel::new(device, name, &compose(body, false, cap, false)),
+                    fused_vec4: OnceLock::new(),
+                    fused_scalar: OnceLock::new(),
                 })
             })
             .collect();
         Self {
+            device: device.clone(),
             families,
             one_pass_cap,
         }
     }
 
     /// The pipeline of `family` over vec4 or scalar units (scalar-only families ignore
-    /// `vec4`).
-    pub fn get(&self, family: Family, vec4: bool) -> &Kernel {
+    /// `vec4`), its fused-epilogue variant where `flags` ask for an epilogue.
+    pub fn get(&self, family: Family, vec4: bool, flags: u32) -> &Kernel {
         let index = Family::ALL
             .iter()
             .position(|&f| f == family)
             .expect("ALL lists every family");
-        self.families[index]
+        let variants = self.families[index]
             .as_ref()
-            .expect("plans pick the one-pass kernels only where they are built")
-            .get(vec4)
+            .expect("plans pick the one-pass kernels only where they are built");
+        if !(family.has_epilogue() && fused(flags)) {
+            return variants.get(vec4);
+        }
+        let vec4 = vec4 && family.vectorized();
+        let slot = if vec4 {
+            &variants.fused_vec4
+        } else {
+            &variants.fused_scalar
+        };
+        slot.get_or_init(|| {
+            let cap = self.one_pass_cap.unwrap_or(0);
+            let source = compose(family.source(), vec4, cap, true);
+            Kernel::new(&self.device, family.name(), &source)
+        })
     }
 }
 
@@ -428,7 +481,7 @@ pub(crate) fn encode(
                     },
                 }),
         );
-        let kernel = kernels.get(launch.family, launch.vec4);
+        let kernel = kernels.get(launch.family, launch.vec4, launch.params.flags);
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.name),
             layout: &kernel.layout,

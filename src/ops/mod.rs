@@ -156,8 +156,8 @@ pub fn batch_norm(
 }
 
 /// Batch norm fused with a ReLU, and with the add of a residual before it:
-/// y = relu([`batch_norm`](x, …) + z), z = `residual` of x's shape and layout, or
-/// y = relu(batch_norm(x, …)) without one. cuDNN's `CUDNN_BATCHNORM_OPS_BN_ACTIVATION` and
+/// y = relu(batch_norm(x, …) + z), z = `residual` of x's shape and layout, or
+/// y = relu(batch_norm(x, …)) without one ([`batch_norm`]). cuDNN's `CUDNN_BATCHNORM_OPS_BN_ACTIVATION` and
 /// `…_BN_ADD_ACTIVATION`, as in a ResNet block's `relu(bn(conv(x)) + identity)`.
 ///
 /// The arguments and the statistics are [`batch_norm`]'s; the add and the ReLU happen in
@@ -280,7 +280,7 @@ pub fn batch_norm_backward(
 
 /// Backward of [`batch_norm_relu`], as PyTorch's autograd computes it for
 /// `relu(batch_norm(x, …) + z)`: the ReLU passes dy where the fused output `y` is > 0
-/// (threshold_backward on the result), g = dy·[y > 0]; then dx, dγ, dβ are
+/// (threshold_backward on the result), g = dy·\[y > 0\]; then dx, dγ, dβ are
 /// [`batch_norm_backward`]'s of g (as `mask` asks), and with `residual` (the forward added
 /// one) dz = g. The mask is read from y as dy is, in the same passes.
 pub fn batch_norm_relu_backward(

@@ -430,6 +430,6 @@ pub struct ReluGradients {
     pub dweight: Option<Tensor>,
     /// The gradient of β, one per channel.
     pub dbias: Option<Tensor>,
-    /// The residual's gradient dz = dy·[y > 0], same shape and layout as the input.
+    /// The residual's gradient dz = dy·\[y > 0\], same shape and layout as the input.
     pub dz: Option<Tensor>,
 }
