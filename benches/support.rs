@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use wgpu::util::DeviceExt;
 use wgpu_batchnorm::cpu::pool;
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, Context, ForwardOutput, Layout, SavedStats, Tensor,
+    BatchNorm, BatchNormConfig, Context, ContextOptions, DeviceTuning, ForwardOutput, Layout,
+    SavedStats, Tensor,
 };
 
 /// One shape of the suite; names are used everywhere (benches, report, notes).
@@ -538,8 +539,13 @@ pub fn register_chart_font() -> Result<(), String> {
 
 /// Every backend to measure: the CPU path and each GPU adapter.
 pub fn contexts() -> Vec<Context> {
+    contexts_tuned(DeviceTuning::default())
+}
+
+/// As [`contexts`], the GPU contexts with `tuning`.
+pub fn contexts_tuned(tuning: DeviceTuning) -> Vec<Context> {
     let mut all = vec![Context::cpu()];
-    for ctx in Context::all_gpus() {
+    for ctx in Context::all_gpus_tuned(ContextOptions::default(), tuning) {
         match ctx {
             Ok(c) => all.push(c),
             Err(e) => eprintln!("skipping unusable adapter: {e}"),

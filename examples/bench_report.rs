@@ -14,8 +14,10 @@ use plotters::prelude::*;
 
 #[path = "../benches/support.rs"]
 mod support;
-use support::{bench_name, contexts, median_ms, prepare, register_chart_font, Copier, Op, SUITE};
-use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning};
+use support::{
+    bench_name, contexts_tuned, median_ms, prepare, register_chart_font, Copier, Op, SUITE,
+};
+use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning, Partitioning};
 
 const USAGE: &str = "\
 bench_report: the benchmark suite as one table
@@ -30,6 +32,11 @@ usage: bench_report [options]
   --chart FILE.png      also draw the % of the copy ceiling per row as a PNG
   --one-pass            also measure every GPU adapter with the one-pass kernels on
                         (rows \"<backend> one-pass\"), an A/B against the default ones
+  --partitioning P      auto (default), software or gpu: the GPU contexts' work
+                        partitioning (gpu: many short workgroups, as on real GPUs)
+  --tree                also measure every GPU adapter that reduces with subgroup
+                        operations with them off (rows \"<backend> tree\": the
+                        workgroup-memory tree reductions), an A/B against the default
   --fused               also measure the fused add + ReLU (forward and backward) and the
                         unfused forward then add + ReLU pass; their \"vs plain\" column
                         is the time over the plain op's on the same backend
@@ -58,7 +65,9 @@ struct Args {
     pytorch: Option<String>,
     chart: Option<String>,
     one_pass: bool,
+    tree: bool,
     fused: bool,
+    partitioning: Partitioning,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -70,7 +79,9 @@ fn parse_args() -> Result<Args, String> {
         pytorch: None,
         chart: None,
         one_pass: false,
+        tree: false,
         fused: false,
+        partitioning: Partitioning::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -103,6 +114,15 @@ fn parse_args() -> Result<Args, String> {
             "--pytorch" => args.pytorch = Some(value()?),
             "--chart" => args.chart = Some(value()?),
             "--one-pass" => args.one_pass = true,
+            "--tree" => args.tree = true,
+            "--partitioning" => {
+                args.partitioning = match value()?.as_str() {
+                    "auto" => Partitioning::Auto,
+                    "software" => Partitioning::SoftwareAdapter,
+                    "gpu" => Partitioning::DiscreteGpu,
+                    v => return Err(format!("--partitioning {v}: one of auto, software, gpu")),
+                }
+            }
             "--fused" => args.fused = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -136,15 +156,34 @@ fn main() {
         },
         None => HashMap::new(),
     };
-    let mut ctxs: Vec<_> = contexts()
+    let base = DeviceTuning::default().partitioning(args.partitioning);
+    let mut ctxs: Vec<_> = contexts_tuned(base)
         .into_iter()
         .map(|c| (bench_name(&c), c))
         .collect();
     if args.one_pass {
-        let tuning = DeviceTuning::default().one_pass(true);
+        let tuning = base.one_pass(true);
         for ctx in Context::all_gpus_tuned(ContextOptions::default(), tuning) {
             match ctx {
                 Ok(c) => ctxs.push((format!("{} one-pass", bench_name(&c)), c)),
+                Err(e) => eprintln!("skipping unusable adapter: {e}"),
+            }
+        }
+    }
+    if args.tree {
+        // Only the adapters whose default context reduces with subgroups.
+        let with_subgroups: Vec<String> = ctxs
+            .iter()
+            .filter(|(_, c)| c.tuning().is_some_and(|t| t.subgroups == Some(true)))
+            .map(|(_, c)| c.name())
+            .collect();
+        let tuning = base.subgroups(false);
+        for ctx in Context::all_gpus_tuned(ContextOptions::default(), tuning) {
+            match ctx {
+                Ok(c) if with_subgroups.contains(&c.name()) => {
+                    ctxs.push((format!("{} tree", bench_name(&c)), c))
+                }
+                Ok(_) => {}
                 Err(e) => eprintln!("skipping unusable adapter: {e}"),
             }
         }

@@ -15,14 +15,13 @@
 // FLAG_SUMS: (Σ dy, Σ dy·(x − μ), 0, 0); otherwise the coefficients (μ, a, b, a·mean(dy)).
 @group(0) @binding(6) var<storage, read_write> out: array<vec4<f32>>;
 
-var<workgroup> sh: array<vec2<f32>, WG>;
-
 fn partial_at(c: u32, t: u32) -> vec2<f32> {
     return partials[c * p.part_cstride + t * p.part_tstride].xy;
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, at: Lanes) {
+    let lid = at.lid;
     let g = group_index(wid);
     if (g >= p.groups) {
         return;
@@ -43,16 +42,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var t = lid; t < p.tiles; t += WG) {
         acc += partial_at(c, t);
     }
-    sh[lid] = acc;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if (lid < stride) {
-            sh[lid] += sh[lid + stride];
-        }
-        workgroupBarrier();
-    }
+    let sums = add_sums(acc, at);
     if (lid == 0u) {
-        finish(c, sh[0]);
+        finish(c, sums);
     }
 }
 

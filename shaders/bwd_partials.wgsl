@@ -9,10 +9,9 @@
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> y: array<V>; // the fused forward's output, read with FLAG_RELU
 
-var<workgroup> sh: array<vec2<f32>, WG>;
-
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, at: Lanes) {
+    let lid = at.lid;
     let g = group_index(wid);
     if (g >= p.groups) {
         return;
@@ -49,15 +48,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         seg = seg_end;
         o += 1u;
     }
-    sh[lid] = vec2<f32>(hsum(sdy), hsum(sdyx));
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if (lid < stride) {
-            sh[lid] += sh[lid + stride];
-        }
-        workgroupBarrier();
-    }
+    let sums = add_sums(vec2<f32>(hsum(sdy), hsum(sdyx)), at);
     if (lid == 0u) {
-        partials[c * p.tile_stride + p.tile_offset + (g - c * p.tiles)] = vec4<f32>(sh[0], 0.0, 0.0);
+        partials[c * p.tile_stride + p.tile_offset + (g - c * p.tiles)] = vec4<f32>(sums, 0.0, 0.0);
     }
 }

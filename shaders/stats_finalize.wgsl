@@ -12,14 +12,13 @@
 @group(0) @binding(4) var<storage, read_write> saved: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(5) var<storage, read_write> moments: array<vec4<f32>>; // (n, k, mean − k, sd)
 
-var<workgroup> sh: array<vec4<f32>, WG>;
-
 fn summary_at(c: u32, t: u32) -> vec4<f32> {
     return partials[c * p.part_cstride + t * p.part_tstride];
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, at: Lanes) {
+    let lid = at.lid;
     let g = group_index(wid);
     if (g >= p.groups) {
         return;
@@ -40,16 +39,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var t = lid; t < p.tiles; t += WG) {
         acc = chan_merge(acc, summary_at(c, t));
     }
-    sh[lid] = acc;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if (lid < stride) {
-            sh[lid] = chan_merge(sh[lid], sh[lid + stride]);
-        }
-        workgroupBarrier();
-    }
+    let merged = merge_summaries(acc, at);
     if (lid == 0u) {
-        finish(c, sh[0]);
+        finish(c, merged);
     }
 }
 

@@ -1,12 +1,11 @@
 // Statistics, pass 1, for long runs: one workgroup reduces one tile of one channel to a
 // summary (count, k, mean − k, sd) (see chan_merge in common.wgsl). Each thread accumulates
 // sums of (x − k) and (x − k)² shifted by the tile's first value k, turns them into a summary,
-// and the workgroup merges threads with Chan's formula.
+// and the workgroup merges threads with Chan's formula (merge_summaries: reduce_tree.wgsl
+// or reduce_subgroup.wgsl).
 
 @group(0) @binding(1) var<storage, read> x: array<V>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
-
-var<workgroup> sh: array<vec4<f32>, WG>;
 
 // Σ (x − k)·scale and Σ ((x − k)·scale)² over this invocation's units of tile [u0, u1) of
 // channel c, walked one run segment at a time (no division or wrap test per unit), and the
@@ -53,7 +52,8 @@ fn tile_sums(c: u32, u0: u32, u1: u32, lid: u32, k: V, scaled: bool) -> Sums {
 }
 
 @compute @workgroup_size(WG)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, at: Lanes) {
+    let lid = at.lid;
     let g = group_index(wid);
     if (g >= p.groups) {
         return;
@@ -83,15 +83,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             part = chan_merge(part, scaled_summary(fc, get_lane(k, l), get_lane(r.s1, l), get_lane(r.s2, l), s2_scale));
         }
     }
-    sh[lid] = part;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if (lid < stride) {
-            sh[lid] = chan_merge(sh[lid], sh[lid + stride]);
-        }
-        workgroupBarrier();
-    }
+    let merged = merge_summaries(part, at);
     if (lid == 0u) {
-        partials[c * p.tile_stride + p.tile_offset + (g - c * p.tiles)] = sh[0];
+        partials[c * p.tile_stride + p.tile_offset + (g - c * p.tiles)] = merged;
     }
 }

@@ -7,6 +7,11 @@
 //! MSL, HLSL and GLSL (ES 3.10 and desktop 4.30) with the options wgpu's backends use or
 //! stricter ones. A failure names the kernel and the target language.
 //!
+//! The subgroup variants (`*_subgroup_*`) are validated with naga's subgroup capability and
+//! translated where wgpu offers `Features::SUBGROUP`: SPIR-V 1.3 (Vulkan 1.1), MSL 2.x and
+//! HLSL shader model 6.0, not GLSL (wgpu's GL backend has no subgroups) nor the older
+//! versions.
+//!
 //! Limits: this proves naga can translate the kernels, not that the platform compilers
 //! (Metal, FXC/DXC, the GL driver) accept the result, nor that the results are right.
 
@@ -68,6 +73,13 @@ struct Parsed {
     name: String,
     module: Module,
     info: ModuleInfo,
+    /// A subgroup variant: only for devices with `Features::SUBGROUP`.
+    subgroups: bool,
+}
+
+/// Whether `name` is a variant with subgroup operations (`shader_sources` names them so).
+fn is_subgroup_variant(name: &str) -> bool {
+    name.contains("_subgroup_")
 }
 
 /// Parses and validates every kernel; panics naming each kernel that fails either step.
@@ -85,9 +97,24 @@ fn parsed_sources() -> Vec<Parsed> {
                 continue;
             }
         };
-        let mut validator = Validator::new(ValidationFlags::all(), Capabilities::default());
+        let subgroups = is_subgroup_variant(&name);
+        let caps = if subgroups {
+            Capabilities::default() | Capabilities::SUBGROUP
+        } else {
+            Capabilities::default()
+        };
+        let mut validator = Validator::new(ValidationFlags::all(), caps);
+        if subgroups {
+            validator.subgroup_stages(naga::valid::ShaderStages::COMPUTE);
+            validator.subgroup_operations(naga::valid::SubgroupOperationSet::all());
+        }
         match validator.validate(&module) {
-            Ok(info) => out.push(Parsed { name, module, info }),
+            Ok(info) => out.push(Parsed {
+                name,
+                module,
+                info,
+                subgroups,
+            }),
             Err(e) => failures.push(format!(
                 "kernel {name}: WGSL validation failed:\n{}",
                 e.emit_to_string(&source)
@@ -98,10 +125,12 @@ fn parsed_sources() -> Vec<Parsed> {
     out
 }
 
-/// Runs `translate` on every kernel and panics listing every (kernel, target) that failed.
-fn translate_all(target: &str, translate: impl Fn(&Parsed) -> Result<(), String>) {
+/// Runs `translate` on every kernel (but the subgroup variants where `subgroups` is false)
+/// and panics listing every (kernel, target) that failed.
+fn translate_all(target: &str, subgroups: bool, translate: impl Fn(&Parsed) -> Result<(), String>) {
     let failures: Vec<String> = parsed_sources()
         .iter()
+        .filter(|p| subgroups || !p.subgroups)
         .filter_map(|p| {
             translate(p)
                 .err()
@@ -174,11 +203,17 @@ fn wgsl_parses_and_validates() {
 
 #[test]
 fn translates_to_spirv() {
-    translate_all("SPIR-V", |p| {
+    translate_all("SPIR-V", true, |p| {
         for &(policy_name, policies) in POLICIES {
             // wgpu's Vulkan backend writes SPIR-V 1.0 for Vulkan 1.0 devices and 1.3 for
-            // Vulkan 1.1 ones (lavapipe runs the newest; these are the oldest).
-            for lang_version in [(1, 0), (1, 3)] {
+            // Vulkan 1.1 ones (lavapipe runs the newest; these are the oldest). Subgroups
+            // need Vulkan 1.1.
+            let versions: &[(u8, u8)] = if p.subgroups {
+                &[(1, 3)]
+            } else {
+                &[(1, 0), (1, 3)]
+            };
+            for &lang_version in versions {
                 let options = spv::Options {
                     lang_version,
                     bounds_check_policies: policies,
@@ -202,10 +237,16 @@ fn translates_to_spirv() {
 
 #[test]
 fn translates_to_msl() {
-    translate_all("MSL", |p| {
+    translate_all("MSL", true, |p| {
         for &(policy_name, policies) in POLICIES {
-            // wgpu's Metal backend writes the device's MSL version; check an old one and 2.0.
-            for lang_version in [(1, 2), (2, 0)] {
+            // wgpu's Metal backend writes the device's MSL version; check an old one and 2.0
+            // (2.1 and later for subgroups: SIMD-group functions).
+            let versions: &[(u8, u8)] = if p.subgroups {
+                &[(2, 1), (2, 4)]
+            } else {
+                &[(1, 2), (2, 0)]
+            };
+            for &lang_version in versions {
                 let options = msl::Options {
                     lang_version,
                     bounds_check_policies: policies,
@@ -233,9 +274,15 @@ fn translates_to_msl() {
 
 #[test]
 fn translates_to_hlsl() {
-    translate_all("HLSL", |p| {
-        // 5.1 is FXC's (wgpu's fallback compiler); 6.0 is DXC's minimum.
-        for shader_model in [hlsl::ShaderModel::V5_1, hlsl::ShaderModel::V6_0] {
+    translate_all("HLSL", true, |p| {
+        // 5.1 is FXC's (wgpu's fallback compiler); 6.0 is DXC's minimum (and wave
+        // intrinsics', which the subgroup variants need).
+        let models: &[hlsl::ShaderModel] = if p.subgroups {
+            &[hlsl::ShaderModel::V6_0]
+        } else {
+            &[hlsl::ShaderModel::V5_1, hlsl::ShaderModel::V6_0]
+        };
+        for &shader_model in models {
             let options = hlsl::Options {
                 shader_model,
                 ..Default::default()
@@ -289,11 +336,38 @@ fn glsl(p: &Parsed, version: glsl::Version) -> Result<(), String> {
 #[test]
 fn translates_to_glsl_es_310() {
     // ES 3.10 is the first GLSL ES with compute shaders: wgpu's GL/GLES minimum for them.
-    translate_all("GLSL ES 310", |p| glsl(p, glsl::Version::new_gles(310)));
+    translate_all("GLSL ES 310", false, |p| {
+        glsl(p, glsl::Version::new_gles(310))
+    });
 }
 
 #[test]
 fn translates_to_glsl_430() {
     // Desktop GL 4.3 is the first with compute shaders.
-    translate_all("GLSL 430", |p| glsl(p, glsl::Version::Desktop(430)));
+    translate_all("GLSL 430", false, |p| glsl(p, glsl::Version::Desktop(430)));
+}
+
+#[test]
+fn reducing_kernels_have_subgroup_variants() {
+    let names: Vec<String> = shader_sources().into_iter().map(|(n, _)| n).collect();
+    for kernel in [
+        "stats_partials",
+        "bwd_partials",
+        "stats_finalize",
+        "bwd_finalize",
+    ] {
+        let want = format!("{kernel}_subgroup_scalar");
+        assert!(names.contains(&want), "no {want} in {names:?}");
+    }
+    for (name, source) in shader_sources() {
+        assert_eq!(
+            is_subgroup_variant(&name),
+            source.contains("subgroupShuffleDown"),
+            "kernel {name}: the name and the source disagree on subgroups"
+        );
+        assert!(
+            !source.contains("enable subgroups"),
+            "kernel {name}: naga 30 rejects `enable subgroups;`"
+        );
+    }
 }

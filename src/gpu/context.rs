@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use super::kernels::Kernels;
+use super::kernels::{subgroups_usable, Kernels};
 use super::plan::{Partitioning, Plan};
 use super::pool::{size_class, BufferPool, GpuBuffer, MemoryStats};
 use super::timer::KernelTimer;
@@ -41,6 +41,14 @@ pub struct DeviceTuning {
     /// on the software adapters they measured about 2× slower than the two-pass kernels
     /// (benches/NOTES.md); they are meant for launch-bound small tensors on GPUs.
     pub one_pass: bool,
+    /// Reduce with subgroup operations (a shuffle-based Chan merge within each subgroup
+    /// instead of workgroup-memory tree levels) in the reductions of long runs and in the
+    /// finalize passes. None (the default): wherever the device has `Features::SUBGROUP`
+    /// and subgroups of a power of two up to [`WORKGROUP_SIZE`](crate::WORKGROUP_SIZE)
+    /// invocations; `Some(false)`: never. A context opened on an adapter requests the
+    /// feature itself; one wrapping the caller's device uses it where the device has it.
+    /// [`Context::tuning`](crate::Context::tuning) reports what the context uses.
+    pub subgroups: Option<bool>,
 }
 
 impl DeviceTuning {
@@ -59,6 +67,13 @@ impl DeviceTuning {
     /// Switches the one-pass kernels on or off (see [`one_pass`](Self::one_pass)).
     pub fn one_pass(mut self, on: bool) -> Self {
         self.one_pass = on;
+        self
+    }
+
+    /// Switches the subgroup reductions on (where the device has them) or off (see
+    /// [`subgroups`](Self::subgroups)).
+    pub fn subgroups(mut self, on: bool) -> Self {
+        self.subgroups = Some(on);
         self
     }
 
@@ -159,8 +174,12 @@ impl GpuContext {
                 label: Some("wgpu-batchnorm"),
                 // Timestamp queries cost nothing until kernel timing is switched on (which
                 // reads them back blocking: not on wasm32).
-                required_features: if KERNEL_TIMING {
+                required_features: (if KERNEL_TIMING {
                     adapter.features() & wgpu::Features::TIMESTAMP_QUERY
+                } else {
+                    wgpu::Features::empty()
+                }) | if tuning.subgroups != Some(false) {
+                    adapter.features() & wgpu::Features::SUBGROUP
                 } else {
                     wgpu::Features::empty()
                 },
@@ -238,9 +257,17 @@ impl GpuContext {
                     .map_or(device_align, |a| a.max(device_align).next_power_of_two()),
             ),
             one_pass: tuning.one_pass,
+            subgroups: Some(
+                tuning.subgroups != Some(false)
+                    && subgroups_usable(
+                        device.features(),
+                        info.subgroup_min_size,
+                        info.subgroup_max_size,
+                    ),
+            ),
         };
         let scope = Scope::push(&device);
-        let kernels = Kernels::new(&device, tuning.one_pass);
+        let kernels = Kernels::new(&device, tuning.one_pass, tuning.subgroups == Some(true));
         scope.pop()?;
         let timer = (KERNEL_TIMING && device.features().contains(wgpu::Features::TIMESTAMP_QUERY))
             .then(|| KernelTimer::new(&queue));

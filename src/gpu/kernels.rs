@@ -66,6 +66,8 @@ pub(crate) const FLAG_DZ: u32 = 16384;
 const PRELUDE_VEC4: &str = include_str!("../../shaders/prelude_vec4.wgsl");
 const PRELUDE_SCALAR: &str = include_str!("../../shaders/prelude_scalar.wgsl");
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
+const REDUCE_TREE: &str = include_str!("../../shaders/reduce_tree.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
 
 /// The kernel families: one per shaders/*.wgsl file. The `_cols` families are the column
 /// mapping, for short runs: (N, C), channels-last, NCHW with small spatial size.
@@ -159,6 +161,20 @@ impl Family {
         )
     }
 
+    /// Whether the family reduces a workgroup to one value (`merge_summaries`, `add_sums`),
+    /// with a tree in workgroup memory or with subgroup operations, as the device allows.
+    /// (The column and one-pass kernels reduce each column of a workgroup separately, over
+    /// invocations `col_block` apart, which subgroups do not map onto in general.)
+    pub fn reduces(self) -> bool {
+        matches!(
+            self,
+            Family::StatsPartials
+                | Family::BwdPartials
+                | Family::StatsFinalize
+                | Family::BwdFinalize
+        )
+    }
+
     /// Whether the family is built twice, over vec4 and scalar units (the per-channel
     /// finalize passes are scalar only).
     fn vectorized(self) -> bool {
@@ -173,17 +189,43 @@ impl Family {
     }
 }
 
-/// The complete WGSL of one kernel variant; `cap`: the one-pass kernels' floats of
-/// workgroup memory for values; `fused`: the fused-epilogue variant. `FUSED` is a constant
+/// The complete WGSL of one kernel variant of `family`; `cap`: the one-pass kernels' floats
+/// of workgroup memory for values; `fused`: the fused-epilogue variant; `subgroups`: the
+/// reducing families' workgroup reductions with subgroup operations (reduce_subgroup.wgsl)
+/// rather than a tree (reduce_tree.wgsl). `FUSED` is a constant
 /// so that the plain variant compiles to the plain kernel: the epilogue's code is dead
 /// there (a uniform test instead cost the plain kernels 5–20 % on the software adapters,
 /// benches/NOTES.md), while its bindings stay in the layout, so that both variants bind
 /// alike.
-pub(crate) fn compose(body: &str, vec4: bool, cap: u32, fused: bool) -> String {
+pub(crate) fn compose(
+    family: Family,
+    vec4: bool,
+    cap: u32,
+    fused: bool,
+    subgroups: bool,
+) -> String {
     let prelude = if vec4 { PRELUDE_VEC4 } else { PRELUDE_SCALAR };
+    let reduce = match (family.reduces(), subgroups) {
+        (false, _) => "",
+        (true, false) => REDUCE_TREE,
+        (true, true) => REDUCE_SUBGROUP,
+    };
+    let body = family.source();
     format!(
-        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\nconst FUSED: bool = {fused};\n{prelude}\n{COMMON}\n{body}"
+        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\nconst FUSED: bool = {fused};\n{prelude}\n{COMMON}\n{reduce}\n{body}"
     )
+}
+
+/// Whether kernels on a device with `features` and subgroups of `min_size ..= max_size`
+/// invocations can reduce with subgroup operations: the feature, and subgroups that divide
+/// a workgroup (a power of two of at most [`WORKGROUP_SIZE`]), so that every subgroup of a
+/// workgroup is full and its lanes are all active at the shuffles.
+pub(crate) fn subgroups_usable(features: wgpu::Features, min_size: u32, max_size: u32) -> bool {
+    features.contains(wgpu::Features::SUBGROUP)
+        && min_size >= 1
+        && min_size.is_power_of_two()
+        && max_size.is_power_of_two()
+        && max_size <= WORKGROUP_SIZE
 }
 
 /// Whether a launch of a family with epilogue variants takes the fused one.
@@ -203,23 +245,31 @@ pub(crate) const ONE_PASS_STORAGE_BUFFERS: u32 = 7;
 
 /// Every kernel source the crate compiles, as (name, WGSL). For tests and tools that check
 /// the shaders outside wgpu (e.g. translating them to every backend language with naga).
+/// Names ending in `_subgroup_scalar` / `_subgroup_vec4` use subgroup operations (naga's
+/// `Capabilities::SUBGROUP`), which only devices with `Features::SUBGROUP` compile.
 pub fn shader_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
     let cap = one_pass_cap(16 << 10);
     for family in Family::ALL {
-        let (name, body) = (family.name(), family.source());
-        for fused in [false, true] {
-            if fused && !family.has_epilogue() {
+        let name = family.name();
+        for (fused, subgroups) in [(false, false), (true, false), (false, true), (true, true)] {
+            if fused && !family.has_epilogue() || subgroups && !family.reduces() {
                 continue;
             }
-            let name = if fused {
-                format!("{name}_fused")
-            } else {
-                name.to_string()
-            };
-            out.push((format!("{name}_scalar"), compose(body, false, cap, fused)));
+            let name = format!(
+                "{name}{}{}",
+                if fused { "_fused" } else { "" },
+                if subgroups { "_subgroup" } else { "" }
+            );
+            out.push((
+                format!("{name}_scalar"),
+                compose(family, false, cap, fused, subgroups),
+            ));
             if family.vectorized() {
-                out.push((format!("{name}_vec4"), compose(body, true, cap, fused)));
+                out.push((
+                    format!("{name}_vec4"),
+                    compose(family, true, cap, fused, subgroups),
+                ));
             }
         }
     }
@@ -290,10 +340,12 @@ pub(crate) struct Kernels {
     /// are not asked for or the device cannot run them (too few storage buffers per
     /// stage), and then they are not built.
     pub one_pass_cap: Option<u32>,
+    /// Whether the reducing families were built with subgroup operations.
+    pub subgroups: bool,
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, one_pass: bool) -> Self {
+    pub fn new(device: &wgpu::Device, one_pass: bool, subgroups: bool) -> Self {
         let limits = device.limits();
         let one_pass_cap = (one_pass
             && limits.max_storage_buffers_per_shader_stage >= ONE_PASS_STORAGE_BUFFERS)
@@ -305,12 +357,13 @@ impl Kernels {
                     return None;
                 }
                 let cap = one_pass_cap.unwrap_or(0);
-                let (name, body) = (f.name(), f.source());
+                let name = f.name();
+                let source = |vec4| compose(f, vec4, cap, false, subgroups);
                 Some(Variants {
                     vec4: f
                         .vectorized()
-                        .then(|| Kernel::new(device, name, &compose(body, true, cap, false))),
-                    scalar: Kernel::new(device, name, &compose(body, false, cap, false)),
+                        .then(|| Kernel::new(device, name, &source(true))),
+                    scalar: Kernel::new(device, name, &source(false)),
                     fused_vec4: OnceLock::new(),
                     fused_scalar: OnceLock::new(),
                 })
@@ -320,6 +373,7 @@ impl Kernels {
             device: device.clone(),
             families,
             one_pass_cap,
+            subgroups,
         }
     }
 
@@ -344,7 +398,7 @@ impl Kernels {
         };
         slot.get_or_init(|| {
             let cap = self.one_pass_cap.unwrap_or(0);
-            let source = compose(family.source(), vec4, cap, true);
+            let source = compose(family, vec4, cap, true, self.subgroups);
             Kernel::new(&self.device, family.name(), &source)
         })
     }
