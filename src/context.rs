@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::cpu::buffers::HostBuffer;
 use crate::error::{Error, Result};
 use crate::gpu::context::{candidate_adapters, ContextOptions, DeviceTuning, GpuContext};
 use crate::gpu::pool::GpuBuffer;
@@ -201,11 +202,13 @@ impl Context {
 
     /// Releases the GPU buffers the caching allocator holds for reuse (PyTorch's
     /// `torch.cuda.empty_cache()`); buffers of live tensors stay. Returns the bytes
-    /// released (0 on the CPU).
+    /// released. On the CPU: the freed tensor buffers the CPU path keeps for its next
+    /// outputs (a few, of at least 256 KiB each and 256 MiB in all, shared by every CPU
+    /// context of the process).
     pub fn release_cached_buffers(&self) -> u64 {
         match &self.inner.backend {
             Backend::Gpu(g) => g.release_cached_buffers(),
-            Backend::Cpu => 0,
+            Backend::Cpu => crate::cpu::buffers::release(),
         }
     }
 
@@ -439,7 +442,11 @@ impl Context {
             });
         }
         let data = match &self.inner.backend {
-            Backend::Cpu => Data::Cpu(Arc::new(data.to_vec())),
+            Backend::Cpu => {
+                let mut v = crate::cpu::buffers::take(data.len());
+                v.extend_from_slice(data);
+                Data::cpu(v)
+            }
             Backend::Gpu(g) => Data::Gpu(Arc::new(g.upload(data, "tensor")?)),
         };
         Ok(Tensor {
@@ -454,7 +461,14 @@ impl Context {
 #[derive(Clone)]
 pub(crate) enum Data {
     Gpu(Arc<GpuBuffer>),
-    Cpu(Arc<Vec<f32>>),
+    Cpu(Arc<HostBuffer>),
+}
+
+impl Data {
+    /// Host values as CPU tensor data.
+    pub(crate) fn cpu(v: Vec<f32>) -> Self {
+        Data::Cpu(Arc::new(HostBuffer::new(v)))
+    }
 }
 
 /// An f32 tensor resident in its [`Context`] (GPU memory, or host memory for the CPU
@@ -517,7 +531,7 @@ impl Tensor {
     /// [`Error::WouldBlock`]: await [`to_vec_async`](Self::to_vec_async) there.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match &self.data {
-            Data::Cpu(v) => Ok(v.as_ref().clone()),
+            Data::Cpu(v) => Ok(v.to_vec()),
             Data::Gpu(_) if cfg!(target_arch = "wasm32") => Err(Error::WouldBlock {
                 op: "Tensor::to_vec",
                 instead: "await Tensor::to_vec_async instead",
@@ -535,7 +549,7 @@ impl Tensor {
     /// the data is on the host (every target).
     pub async fn to_vec_async(&self) -> Result<Vec<f32>> {
         match &self.data {
-            Data::Cpu(v) => Ok(v.as_ref().clone()),
+            Data::Cpu(v) => Ok(v.to_vec()),
             Data::Gpu(b) => match self.ctx.backend() {
                 Backend::Gpu(g) => g.clone().read_async(b, b.offset, self.numel()).await,
                 Backend::Cpu => unreachable!("GPU data in a CPU context"),

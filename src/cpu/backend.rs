@@ -78,7 +78,7 @@ fn update_running(running: Running<'_>, n: u64, stats: &[[f64; 2]]) {
 
 fn running_values(t: &mut Tensor) -> &mut Vec<f32> {
     match &mut t.data {
-        Data::Cpu(v) => Arc::make_mut(v),
+        Data::Cpu(v) => &mut *Arc::make_mut(v),
         Data::Gpu(_) => unreachable!("the op layer checks contexts"),
     }
 }
@@ -95,7 +95,7 @@ fn saved_from(n: u64, stats: &[[f64; 2]], eps: f32) -> Data {
             .flat_map(|s| [s[0] as f32, (1.0 / (s[1] / nf + eps as f64).sqrt()) as f32])
             .collect()
     };
-    Data::Cpu(Arc::new(saved))
+    Data::cpu(saved)
 }
 
 /// dx coefficients [μ, a, b, a·mean(dy)] per channel (see `fast::grad_input`).
@@ -172,7 +172,7 @@ impl Backend for CpuBackend {
             .zip(host(var))
             .flat_map(|(&rm, &rv)| [rm, (1.0 / (rv as f64 + eps as f64).sqrt()) as f32])
             .collect();
-        Ok(Data::Cpu(Arc::new(saved)))
+        Ok(Data::cpu(saved))
     }
 
     fn elemt(
@@ -205,7 +205,7 @@ impl Backend for CpuBackend {
         };
         let z = epi.residual.map(host);
         let y = fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, x.shape().view());
-        Ok(Data::Cpu(Arc::new(y)))
+        Ok(Data::cpu(y))
     }
 
     fn backward_reduce(
@@ -235,13 +235,9 @@ impl Backend for CpuBackend {
                     }
                 })
                 .collect();
-            Data::Cpu(Arc::new(dw))
+            Data::cpu(dw)
         });
-        let db = dbias.then(|| {
-            Data::Cpu(Arc::new(
-                sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>(),
-            ))
-        });
+        let db = dbias.then(|| Data::cpu(sums.iter().map(|s| s.0 as f32).collect::<Vec<_>>()));
         Ok(Reduced {
             sums: Summaries::Cpu(Arc::new(sums.iter().map(|&(a, b)| [a, b]).collect())),
             dweight: dw,
@@ -264,7 +260,7 @@ impl Backend for CpuBackend {
             sums.map(|(s, n)| (pairs(s), n)),
         );
         let dx = fast::grad_input(host(x), host(dy), &coef, sums.is_some(), x.shape().view());
-        Ok(Data::Cpu(Arc::new(dx)))
+        Ok(Data::cpu(dx))
     }
 
     fn backward(
@@ -284,7 +280,7 @@ impl Backend for CpuBackend {
         let dy = match epi.relu_y {
             Some(y) => {
                 let g = fast::relu_grad(host(dy), host(y));
-                masked = Tensor::new(x.context(), x.shape().clone(), Data::Cpu(Arc::new(g)));
+                masked = Tensor::new(x.context(), x.shape().clone(), Data::cpu(g));
                 &masked
             }
             None => dy,

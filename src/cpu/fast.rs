@@ -11,7 +11,7 @@
 use std::mem::MaybeUninit;
 use std::sync::{Mutex, OnceLock};
 
-use super::pool;
+use super::{buffers, pool};
 use crate::shape::View;
 
 /// Values one task handles at least; smaller splits cost more in scheduling than they save.
@@ -355,7 +355,7 @@ fn map_runs(
     rows: impl Fn(&mut [MaybeUninit<f32>], usize) + Sync,
 ) -> Vec<f32> {
     let n = v.numel();
-    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let mut out: Vec<f32> = buffers::take(n);
     let row_len = v.channels * v.inner;
     if row_len == 0 || n == 0 {
         return out;
@@ -512,7 +512,7 @@ pub fn grad_input(x: &[f32], dy: &[f32], coef: &[[f32; 4]], training: bool, v: V
 /// ReLU's backward on the result (PyTorch's threshold_backward): dy where y > 0, else 0.
 pub fn relu_grad(dy: &[f32], y: &[f32]) -> Vec<f32> {
     let n = dy.len();
-    let mut out: Vec<f32> = Vec::with_capacity(n);
+    let mut out: Vec<f32> = buffers::take(n);
     let per_task = (n / (pool::threads().max(1) * 4)).max(TASK_ELEMS);
     let chunks: Vec<Mutex<&mut [MaybeUninit<f32>]>> = out.spare_capacity_mut()[..n]
         .chunks_mut(per_task)
