@@ -248,7 +248,7 @@ impl GpuContext {
         let cache_limit = tuning
             .cache_limit
             .unwrap_or((2 * limits.max_storage_buffer_binding_size).max(256 << 20));
-        let tuning = DeviceTuning {
+        let mut tuning = DeviceTuning {
             cache_limit: Some(cache_limit),
             partitioning: tuning.partitioning.resolve(info.device_type),
             offset_alignment: Some(
@@ -267,8 +267,18 @@ impl GpuContext {
             ),
         };
         let scope = Scope::push(&device);
-        let kernels = Kernels::new(&device, tuning.one_pass, tuning.subgroups == Some(true));
-        scope.pop()?;
+        let mut kernels = Kernels::new(&device, tuning.one_pass, tuning.subgroups == Some(true));
+        if let Err(e) = scope.pop() {
+            if tuning.subgroups != Some(true) {
+                return Err(e);
+            }
+            // A driver that offers subgroups but fails to build the kernels that use
+            // them: the tree reductions instead.
+            let scope = Scope::push(&device);
+            kernels = Kernels::new(&device, tuning.one_pass, false);
+            scope.pop()?;
+            tuning.subgroups = Some(false);
+        }
         let timer = (KERNEL_TIMING && device.features().contains(wgpu::Features::TIMESTAMP_QUERY))
             .then(|| KernelTimer::new(&queue));
         let dummy = |label| {
