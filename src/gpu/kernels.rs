@@ -218,8 +218,8 @@ pub(crate) fn compose(
 
 /// Whether kernels on a device with `features` and subgroups of `min_size ..= max_size`
 /// invocations can reduce with subgroup operations: the feature, and subgroups that divide
-/// a workgroup (a power of two of at most [`WORKGROUP_SIZE`]), so that every subgroup of a
-/// workgroup is full and its lanes are all active at the shuffles.
+/// a workgroup (a power of two of at most [`WORKGROUP_SIZE`]), so that the subgroups of a
+/// workgroup are full (reduce_subgroup.wgsl still counts the lanes that run).
 pub(crate) fn subgroups_usable(features: wgpu::Features, min_size: u32, max_size: u32) -> bool {
     features.contains(wgpu::Features::SUBGROUP)
         && min_size >= 1
