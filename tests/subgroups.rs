@@ -218,3 +218,50 @@ fn the_cpu_path_and_gl_report_no_subgroups() {
         }
     }
 }
+
+#[test]
+fn a_callers_device_reduces_with_subgroups_only_if_it_enabled_them() {
+    let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    let backends = desc.backends;
+    let instance = wgpu::Instance::new(desc);
+    let mut checked = 0;
+    for adapter in pollster::block_on(instance.enumerate_adapters(backends)) {
+        if !adapter.features().contains(wgpu::Features::SUBGROUP) {
+            continue;
+        }
+        for features in [wgpu::Features::empty(), wgpu::Features::SUBGROUP] {
+            let (device, queue) =
+                pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                    label: Some("caller's device"),
+                    required_features: features,
+                    required_limits: adapter.limits(),
+                    ..Default::default()
+                }))
+                .expect("a device on an adapter that listed the feature");
+            let ctx = Context::from_device(device, queue).unwrap();
+            let on = features.contains(wgpu::Features::SUBGROUP);
+            assert_eq!(
+                ctx.tuning().and_then(|t| t.subgroups),
+                Some(on),
+                "{} with {features:?}",
+                ctx.name()
+            );
+            // Either way the kernels build and agree with the CPU path.
+            let dims = [4, 3, 40, 40];
+            let xs = normal(4 * 3 * 1600, 21, 1.0, 2.0);
+            let dys = normal(xs.len(), 22, 0.0, 1.0);
+            let want = step(&Context::cpu(), &dims, Layout::ChannelsFirst, &xs, &dys);
+            let got = step(&ctx, &dims, Layout::ChannelsFirst, &xs, &dys);
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                let what = format!("{} with {features:?}: {name}", ctx.name());
+                assert_close(&what, g, &widen(w), 1e-5, 1e-4);
+            }
+            checked += 1;
+        }
+    }
+    if checked == 0 {
+        eprintln!(
+            "!!! subgroup tests: NO ADAPTER WITH SUBGROUPS FOUND: caller's devices unchecked"
+        );
+    }
+}
