@@ -4,18 +4,18 @@
 // Centring first keeps y accurate when |mean| ≫ std (x·a + b would cancel). The fused
 // epilogue (FLAG_RESIDUAL, FLAG_RELU) adds z and applies the ReLU in the same pass.
 
-@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<S>;
 @group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(3) var<storage, read> weight: array<f32>; // γ, read with FLAG_WEIGHT
 @group(0) @binding(4) var<storage, read> bias: array<f32>;   // β, read with FLAG_BIAS
-@group(0) @binding(5) var<storage, read_write> y: array<V>;
-@group(0) @binding(6) var<storage, read> z: array<V>;        // the residual, read with FLAG_RESIDUAL
+@group(0) @binding(5) var<storage, read_write> y: array<S>;
+@group(0) @binding(6) var<storage, read> z: array<S>;        // the residual, read with FLAG_RESIDUAL
 
 // The epilogue of the unit at i: + z, then the ReLU, as the flags ask.
 fn finish(v: V, i: u32) -> V {
     var r = v;
     if (has(FLAG_RESIDUAL)) {
-        r += z[i];
+        r += load_unit(z[i]);
     }
     if (has(FLAG_RELU)) {
         r = relu_v(r);
@@ -56,11 +56,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let shift = V(beta);
     if (FUSED) {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
-            y[i] = finish((x[i] - mean) * scale + shift, i);
+            y[i] = store_unit(finish((load_unit(x[i]) - mean) * scale + shift, i));
         }
     } else {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
-            y[i] = (x[i] - mean) * scale + shift;
+            y[i] = store_unit((load_unit(x[i]) - mean) * scale + shift);
         }
     }
 }

@@ -4,18 +4,18 @@
 // keeps their (mean, γ·invstd, β) in registers, and streams its rows. Neighbouring
 // invocations touch neighbouring addresses.
 
-@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<S>;
 @group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(3) var<storage, read> weight: array<f32>; // γ, read with FLAG_WEIGHT
 @group(0) @binding(4) var<storage, read> bias: array<f32>;   // β, read with FLAG_BIAS
-@group(0) @binding(5) var<storage, read_write> y: array<V>;
-@group(0) @binding(6) var<storage, read> z: array<V>;        // the residual, read with FLAG_RESIDUAL
+@group(0) @binding(5) var<storage, read_write> y: array<S>;
+@group(0) @binding(6) var<storage, read> z: array<S>;        // the residual, read with FLAG_RESIDUAL
 
 // The epilogue of the unit at i: + z, then the ReLU, as the flags ask.
 fn finish(v: V, i: u32) -> V {
     var r = v;
     if (has(FLAG_RESIDUAL)) {
-        r += z[i];
+        r += load_unit(z[i]);
     }
     if (has(FLAG_RELU)) {
         r = relu_v(r);
@@ -54,12 +54,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (FUSED) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;
-            y[i] = finish((x[i] - mean) * scale + shift, i);
+            y[i] = store_unit(finish((load_unit(x[i]) - mean) * scale + shift, i));
         }
     } else {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;
-            y[i] = (x[i] - mean) * scale + shift;
+            y[i] = store_unit((load_unit(x[i]) - mean) * scale + shift);
         }
     }
 }

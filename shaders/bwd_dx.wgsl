@@ -5,22 +5,22 @@
 // masks dy by y > 0 (FLAG_RELU) and writes the masked dy as dz (FLAG_DZ) in the same pass.
 // Short runs use bwd_dx_cols.wgsl.
 
-@group(0) @binding(1) var<storage, read> x: array<V>;
-@group(0) @binding(2) var<storage, read> dy: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<S>;
+@group(0) @binding(2) var<storage, read> dy: array<S>;
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>; // (μ, a, b, a·mean(dy))
-@group(0) @binding(4) var<storage, read_write> dx: array<V>;
-@group(0) @binding(5) var<storage, read> y: array<V>;        // the fused forward's output, read with FLAG_RELU
-@group(0) @binding(6) var<storage, read_write> dz: array<V>; // the residual's gradient, written with FLAG_DZ
+@group(0) @binding(4) var<storage, read_write> dx: array<S>;
+@group(0) @binding(5) var<storage, read> y: array<S>;        // the fused forward's output, read with FLAG_RELU
+@group(0) @binding(6) var<storage, read_write> dz: array<S>; // the residual's gradient, written with FLAG_DZ
 
 // The gradient reaching the batch norm at unit i: dy, masked by y > 0 with FLAG_RELU; also
 // dz with FLAG_DZ.
 fn grad_at(i: u32) -> V {
-    var g = dy[i];
+    var g = load_unit(dy[i]);
     if (has(FLAG_RELU)) {
-        g = relu_grad(g, y[i]);
+        g = relu_grad(g, load_unit(y[i]));
     }
     if (has(FLAG_DZ)) {
-        dz[i] = g;
+        dz[i] = store_unit(g);
     }
     return g;
 }
@@ -43,19 +43,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let k = coef[run % p.channels];
     if (FUSED && has(FLAG_TRAINING)) {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
-            dx[i] = k.y * grad_at(i) + k.z * (x[i] - V(k.x)) - V(k.w);
+            dx[i] = store_unit(k.y * grad_at(i) + k.z * (load_unit(x[i]) - V(k.x)) - V(k.w));
         }
     } else if (FUSED) {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
-            dx[i] = k.y * grad_at(i);
+            dx[i] = store_unit(k.y * grad_at(i));
         }
     } else if (has(FLAG_TRAINING)) {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
-            dx[i] = k.y * dy[i] + k.z * (x[i] - V(k.x)) - V(k.w);
+            dx[i] = store_unit(k.y * load_unit(dy[i]) + k.z * (load_unit(x[i]) - V(k.x)) - V(k.w));
         }
     } else {
         for (var i = p.base + start + lid; i < p.base + end; i += WG) {
-            dx[i] = k.y * dy[i];
+            dx[i] = store_unit(k.y * load_unit(dy[i]));
         }
     }
 }

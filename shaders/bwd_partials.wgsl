@@ -3,11 +3,11 @@
 // walk as the statistics pass; x and dy are each read once. With FLAG_RELU, dy is masked
 // by the fused forward's y > 0 as it is read (y is read once too).
 
-@group(0) @binding(1) var<storage, read> x: array<V>;
-@group(0) @binding(2) var<storage, read> dy: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<S>;
+@group(0) @binding(2) var<storage, read> dy: array<S>;
 @group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> y: array<V>; // the fused forward's output, read with FLAG_RELU
+@group(0) @binding(5) var<storage, read> y: array<S>; // the fused forward's output, read with FLAG_RELU
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, at: Lanes) {
@@ -34,15 +34,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, at: Lanes) {
         let base = p.base + (o * (p.channels - 1u) + c) * p.inner;
         if (FUSED) {
             for (var j = seg + lid; j < seg_end; j += WG) {
-                let g_out = relu_grad(dy[base + j], y[base + j]);
+                let g_out = relu_grad(load_unit(dy[base + j]), load_unit(y[base + j]));
                 sdy += g_out;
-                sdyx += g_out * (x[base + j] - mu);
+                sdyx += g_out * (load_unit(x[base + j]) - mu);
             }
         } else {
             for (var j = seg + lid; j < seg_end; j += WG) {
-                let g_out = dy[base + j];
+                let g_out = load_unit(dy[base + j]);
                 sdy += g_out;
-                sdyx += g_out * (x[base + j] - mu);
+                sdyx += g_out * (load_unit(x[base + j]) - mu);
             }
         }
         seg = seg_end;

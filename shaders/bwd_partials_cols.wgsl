@@ -2,11 +2,11 @@
 // value column (Σ dy, Σ dy·(x − μ)) over the tile's rows, row lanes added in workgroup
 // memory, one partial per value column.
 
-@group(0) @binding(1) var<storage, read> x: array<V>;
-@group(0) @binding(2) var<storage, read> dy: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<S>;
+@group(0) @binding(2) var<storage, read> dy: array<S>;
 @group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> y: array<V>; // the fused forward's output, read with FLAG_RELU
+@group(0) @binding(5) var<storage, read> y: array<S>; // the fused forward's output, read with FLAG_RELU
 
 var<workgroup> sh_dy: array<V, WG>;
 var<workgroup> sh_dyx: array<V, WG>;
@@ -31,16 +31,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (FUSED) {
             for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
                 let i = p.base + o * p.total + pos.q;
-                let gv = relu_grad(dy[i], y[i]);
+                let gv = relu_grad(load_unit(dy[i]), load_unit(y[i]));
                 sdy += gv;
-                sdyx += gv * (x[i] - mu);
+                sdyx += gv * (load_unit(x[i]) - mu);
             }
         } else {
             for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
                 let i = p.base + o * p.total + pos.q;
-                let gv = dy[i];
+                let gv = load_unit(dy[i]);
                 sdy += gv;
-                sdyx += gv * (x[i] - mu);
+                sdyx += gv * (load_unit(x[i]) - mu);
             }
         }
     }

@@ -4,7 +4,7 @@
 // and the workgroup merges threads with Chan's formula (merge_summaries: reduce_tree.wgsl
 // or reduce_subgroup.wgsl).
 
-@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<S>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 
 // Σ (x − k)·scale and Σ ((x − k)·scale)² over this invocation's units of tile [u0, u1) of
@@ -30,13 +30,13 @@ fn tile_sums(c: u32, u0: u32, u1: u32, lid: u32, k: V, scaled: bool) -> Sums {
         let first = seg + lid;
         if (scaled) {
             for (var j = first; j < seg_end; j += WG) {
-                let d = (x[run + j] - k) * TINY;
+                let d = (load_unit(x[run + j]) - k) * TINY;
                 r.s1 += d;
                 r.s2 += d * d;
             }
         } else {
             for (var j = first; j < seg_end; j += WG) {
-                let d = x[run + j] - k;
+                let d = load_unit(x[run + j]) - k;
                 r.s1 += d;
                 r.s2 += d * d;
             }
@@ -65,7 +65,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, at: Lanes) {
     var k = V(0.0);
     if (u0 < u1) {
         // Shift: the tile's first value (finite).
-        k = finite_shift(x[p.base + ((u0 / p.inner) * (p.channels - 1u) + c) * p.inner + u0]);
+        k = finite_shift(load_unit(x[p.base + ((u0 / p.inner) * (p.channels - 1u) + c) * p.inner + u0]));
     }
     var r = tile_sums(c, u0, u1, lid, k, false);
     var s2_scale = 1.0;

@@ -5,7 +5,7 @@
 // channel's columns are adjacent, so its partials are one contiguous range that
 // stats_finalize merges.
 
-@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(1) var<storage, read> x: array<S>;
 @group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 
 // Per lane: count (equal for all lanes), shift k, mean − k, sd.
@@ -64,9 +64,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var s2 = V(0.0);
     let o0 = row0 + pos.lane;
     if (pos.q < p.total && o0 < row1) {
-        k = finite_shift(x[p.base + o0 * p.total + pos.q]);
+        k = finite_shift(load_unit(x[p.base + o0 * p.total + pos.q]));
         for (var o = o0; o < row1; o += pos.lanes) {
-            let d = x[p.base + o * p.total + pos.q] - k;
+            let d = load_unit(x[p.base + o * p.total + pos.q]) - k;
             s1 += d;
             s2 += d * d;
             cnt += 1u;
@@ -77,7 +77,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         // Finite data whose squared differences overflow: sum them scaled by 2^-64.
         s2 = V(0.0);
         for (var o = o0; o < row1; o += pos.lanes) {
-            let d = (x[p.base + o * p.total + pos.q] - k) * TINY;
+            let d = (load_unit(x[p.base + o * p.total + pos.q]) - k) * TINY;
             s2 += d * d;
         }
         sc = HUGE;

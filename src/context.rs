@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::cpu::buffers::HostBuffer;
+use crate::dtype::{DType, HalfFloat};
 use crate::error::{Error, Result};
 use crate::gpu::context::{candidate_adapters, ContextOptions, DeviceTuning, GpuContext};
 use crate::gpu::pool::GpuBuffer;
@@ -418,6 +419,7 @@ impl Context {
             ctx: self.clone(),
             shape,
             data: Data::Gpu(Arc::new(GpuBuffer::external(buffer.clone(), offset))),
+            dtype: DType::F32,
         })
     }
 
@@ -453,6 +455,45 @@ impl Context {
             ctx: self.clone(),
             shape,
             data,
+            dtype: DType::F32,
+        })
+    }
+
+    /// A tensor of half values (`half::f16` or `half::bf16`: dtype float16 or bfloat16) in
+    /// `layout` order; `dims` is the logical (N, C, ...) shape. On a GPU it is stored two
+    /// values per 32-bit word, byte for byte a native half array.
+    pub fn tensor_from_half<T: HalfFloat>(
+        &self,
+        data: &[T],
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<Tensor> {
+        let shape = Shape::with_layout(dims, layout)?;
+        if data.len() != shape.numel() {
+            return Err(Error::DataLength {
+                shape: dims.to_vec(),
+                expected: shape.numel(),
+                got: data.len(),
+            });
+        }
+        let dtype = T::DTYPE;
+        let data = match &self.inner.backend {
+            Backend::Cpu => {
+                let mut v = crate::cpu::buffers::take(data.len());
+                v.extend(data.iter().map(|h| dtype.value_of_bits(h.to_bits())));
+                Data::cpu(v)
+            }
+            Backend::Gpu(g) => {
+                let bits: Vec<u16> = data.iter().map(|h| h.to_bits()).collect();
+                let words = crate::dtype::pack_words(&bits);
+                Data::Gpu(Arc::new(g.upload(bytemuck::cast_slice(&words), "tensor")?))
+            }
+        };
+        Ok(Tensor {
+            ctx: self.clone(),
+            shape,
+            data,
+            dtype,
         })
     }
 }
@@ -471,22 +512,25 @@ impl Data {
     }
 }
 
-/// An f32 tensor resident in its [`Context`] (GPU memory, or host memory for the CPU
-/// backend). Immutable; operations return new tensors. Cheap to clone.
+/// A tensor resident in its [`Context`] (GPU memory, or host memory for the CPU backend),
+/// of float32 values or of a half type ([`DType`]). Immutable; operations return new
+/// tensors. Cheap to clone.
 #[derive(Clone)]
 pub struct Tensor {
     ctx: Context,
     shape: Shape,
     pub(crate) data: Data,
+    dtype: DType,
 }
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Tensor({:?}, {:?}, {:?})",
+            "Tensor({:?}, {:?}, {}, {:?})",
             self.shape.dims(),
             self.shape.layout(),
+            self.dtype,
             self.ctx
         )
     }
@@ -494,11 +538,56 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     pub(crate) fn new(ctx: &Context, shape: Shape, data: Data) -> Self {
+        Self::typed(ctx, shape, data, DType::F32)
+    }
+
+    /// A tensor of `dtype` over `data` (GPU: its packed words; CPU: f32 values the type
+    /// represents).
+    pub(crate) fn typed(ctx: &Context, shape: Shape, data: Data, dtype: DType) -> Self {
         Self {
             ctx: ctx.clone(),
             shape,
             data,
+            dtype,
         }
+    }
+
+    /// The storage type of the values.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// 32-bit words of GPU storage the values take.
+    pub(crate) fn words(&self) -> usize {
+        self.dtype.words(self.numel())
+    }
+
+    /// f32 values from `words` read back from this tensor's GPU storage.
+    fn widen_words(&self, words: Vec<f32>) -> Vec<f32> {
+        if self.dtype == DType::F32 {
+            return words;
+        }
+        let bits = crate::dtype::unpack_words(bytemuck::cast_slice(&words), self.numel());
+        bits.into_iter()
+            .map(|b| self.dtype.value_of_bits(b))
+            .collect()
+    }
+
+    /// The values as `T` (the tensor's own half type, else [`Error::DTypeMismatch`]), in
+    /// memory (layout) order. Blocks like [`to_vec`](Self::to_vec).
+    pub fn to_half_vec<T: HalfFloat>(&self) -> Result<Vec<T>> {
+        if self.dtype != T::DTYPE {
+            return Err(Error::DTypeMismatch {
+                what: "Tensor::to_half_vec: the element type must be the tensor's dtype",
+                expected: self.dtype,
+                got: T::DTYPE,
+            });
+        }
+        let values = self.to_vec()?;
+        Ok(values
+            .iter()
+            .map(|&v| T::from_bits(self.dtype.half_bits(v)))
+            .collect())
     }
 
     /// The logical shape (N, C, ...).
@@ -526,8 +615,8 @@ impl Tensor {
         &self.ctx
     }
 
-    /// The values in memory (layout) order. Blocks until the GPU has finished the work that
-    /// produces them. On wasm32, which cannot block, a GPU tensor's `to_vec` returns
+    /// The values in memory (layout) order, as f32 (half values widen exactly). Blocks
+    /// until the GPU has finished the work that produces them. On wasm32, which cannot block, a GPU tensor's `to_vec` returns
     /// [`Error::WouldBlock`]: await [`to_vec_async`](Self::to_vec_async) there.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match &self.data {
@@ -537,7 +626,7 @@ impl Tensor {
                 instead: "await Tensor::to_vec_async instead",
             }),
             Data::Gpu(b) => match self.ctx.backend() {
-                Backend::Gpu(g) => g.read(b, b.offset, self.numel()),
+                Backend::Gpu(g) => Ok(self.widen_words(g.read(b, b.offset, self.words())?)),
                 Backend::Cpu => unreachable!("GPU data in a CPU context"),
             },
         }
@@ -551,7 +640,10 @@ impl Tensor {
         match &self.data {
             Data::Cpu(v) => Ok(v.to_vec()),
             Data::Gpu(b) => match self.ctx.backend() {
-                Backend::Gpu(g) => g.clone().read_async(b, b.offset, self.numel()).await,
+                Backend::Gpu(g) => {
+                    let words = g.clone().read_async(b, b.offset, self.words()).await?;
+                    Ok(self.widen_words(words))
+                }
                 Backend::Cpu => unreachable!("GPU data in a CPU context"),
             },
         }

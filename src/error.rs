@@ -69,6 +69,27 @@ pub enum Error {
     #[error("num_features must be at least 1, got {0}")]
     InvalidNumFeatures(usize),
 
+    /// Tensors that must share a storage type do not (x, dy, the residual z, the fused
+    /// forward's y), or a tensor that must be float32 (γ, β, running statistics) is not.
+    #[error("{what}: expected dtype {expected}, got {got}")]
+    DTypeMismatch {
+        /// Which tensor, and the rule it breaks.
+        what: &'static str,
+        /// The dtype it must have.
+        expected: crate::DType,
+        /// The dtype it has.
+        got: crate::DType,
+    },
+
+    /// A storage type this context cannot serve for this tensor.
+    #[error("dtype {dtype} is not supported here: {reason}")]
+    UnsupportedDType {
+        /// The storage type asked for.
+        dtype: crate::DType,
+        /// Why not, and what works instead.
+        reason: String,
+    },
+
     /// Two tensors (or a tensor and a module) that must agree in shape do not.
     #[error("{what}: expected shape {expected:?}, got {got:?}")]
     ShapeMismatch {

@@ -53,6 +53,7 @@ mod config;
 mod context;
 pub mod cpu;
 pub mod dist;
+mod dtype;
 mod error;
 mod gpu;
 mod nn;
@@ -64,11 +65,13 @@ pub use context::{Context, Tensor};
 pub use dist::Communicator;
 #[cfg(not(target_arch = "wasm32"))]
 pub use dist::LocalComm;
+pub use dtype::{DType, HalfFloat};
 pub use error::{Error, Result};
 pub use gpu::context::{ContextOptions, DeviceTuning, REQUIRED_STORAGE_BUFFERS};
 pub use gpu::kernels::{shader_sources, WORKGROUP_SIZE};
 pub use gpu::plan::Partitioning;
 pub use gpu::pool::MemoryStats;
+pub use half;
 pub use nn::SyncBatchNorm;
 pub use nn::{BatchNorm, BatchNormState};
 pub use ops::{

@@ -204,7 +204,10 @@ impl Backend for CpuBackend {
             }
         };
         let z = epi.residual.map(host);
-        let y = fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, x.shape().view());
+        let mut y =
+            fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, x.shape().view());
+        // A half x gets y rounded to its type once, from the f32 result (as a GPU stores it).
+        x.dtype().round_all(&mut y);
         Ok(Data::cpu(y))
     }
 
@@ -259,7 +262,8 @@ impl Backend for CpuBackend {
             weight.map(host),
             sums.map(|(s, n)| (pairs(s), n)),
         );
-        let dx = fast::grad_input(host(x), host(dy), &coef, sums.is_some(), x.shape().view());
+        let mut dx = fast::grad_input(host(x), host(dy), &coef, sums.is_some(), x.shape().view());
+        x.dtype().round_all(&mut dx);
         Ok(Data::cpu(dx))
     }
 

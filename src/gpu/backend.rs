@@ -27,6 +27,7 @@ use crate::backend::{
     Summaries,
 };
 use crate::context::{Data, Tensor};
+use crate::dtype::DType;
 use crate::error::Result;
 
 fn buffer(t: &Tensor) -> &Arc<GpuBuffer> {
@@ -65,13 +66,14 @@ impl GpuContext {
         &self,
         batch: &mut Batch,
         family: Family,
-        vec4: bool,
+        (vec4, dtype): (bool, DType),
         params: Params,
         buffers: Vec<Bind>,
     ) {
         batch.steps.push(Step::Launch(Launch {
             family,
             vec4,
+            dtype,
             params,
             buffers,
         }));
@@ -135,7 +137,7 @@ impl GpuContext {
         batch: &mut Batch,
         x: &Tensor,
     ) -> Result<Option<(Plan, Arc<GpuBuffer>)>> {
-        let plan = self.plan(x.shape().view())?;
+        let plan = self.plan(x.shape().view(), x.dtype())?;
         if plan.is_empty() {
             return Ok(None);
         }
@@ -143,7 +145,7 @@ impl GpuContext {
         let family = plan.pick(Family::StatsPartials, Family::StatsPartialsCols);
         for chunk in plan.chunk_list() {
             let binds = vec![plan.part(buffer(x), &chunk), (&partials).into()];
-            self.launch(batch, family, plan.vec4, plan.reduce(&chunk), binds);
+            self.launch(batch, family, plan.units(), plan.reduce(&chunk), binds);
         }
         Ok(Some((plan, partials)))
     }
@@ -177,7 +179,7 @@ impl GpuContext {
                 (&partials).into(),
                 y,
             ];
-            self.launch(batch, family, plan.vec4, params, binds);
+            self.launch(batch, family, plan.units(), params, binds);
         }
         Ok(partials)
     }
@@ -220,7 +222,7 @@ impl GpuContext {
             self.launch(
                 batch,
                 family,
-                plan.vec4,
+                plan.units(),
                 plan.elementwise(&chunk, flags),
                 binds,
             );
@@ -352,7 +354,13 @@ impl Backend for GpuContext {
                     w.into(),
                     (&out).into(),
                 ];
-                self.launch(batch, Family::StatsFinalize, false, params, binds);
+                self.launch(
+                    batch,
+                    Family::StatsFinalize,
+                    (false, DType::F32),
+                    params,
+                    binds,
+                );
             }
         }
         Ok(Summaries::Gpu(out))
@@ -396,7 +404,13 @@ impl Backend for GpuContext {
             (&saved).into(),
             (&self.dummy_write).into(),
         ];
-        self.launch(batch, Family::StatsFinalize, false, params, binds);
+        self.launch(
+            batch,
+            Family::StatsFinalize,
+            (false, DType::F32),
+            params,
+            binds,
+        );
         Ok(gpu(saved))
     }
 
@@ -424,7 +438,13 @@ impl Backend for GpuContext {
                     (&saved).into(),
                     (&self.dummy_write).into(),
                 ];
-                self.launch(batch, Family::StatsFinalize, false, params, binds);
+                self.launch(
+                    batch,
+                    Family::StatsFinalize,
+                    (false, DType::F32),
+                    params,
+                    binds,
+                );
             }
         }
         Ok(gpu(saved))
@@ -440,7 +460,7 @@ impl Backend for GpuContext {
         bias: Option<&Tensor>,
         epi: Epilogue<'_>,
     ) -> Result<(Data, Data)> {
-        let plan = self.plan(x.shape().view())?;
+        let plan = self.plan(x.shape().view(), x.dtype())?;
         // The one-pass kernel has no epilogue: the fused forward takes the two passes.
         let one = epi
             .is_none()
@@ -450,7 +470,7 @@ impl Backend for GpuContext {
             return stats_then_elemt(self, batch, x, eps, running, weight, bias, epi);
         };
         let c = x.shape().channels();
-        let [saved, y] = self.buffers([2 * c, x.numel()])?;
+        let [saved, y] = self.buffers([2 * c, x.words()])?;
         let mut flags = FLAG_SAVED;
         if weight.is_some() {
             flags |= FLAG_WEIGHT;
@@ -472,7 +492,13 @@ impl Backend for GpuContext {
             (&saved).into(),
             plan.part(&y, &chunk),
         ];
-        self.launch(batch, Family::FwdOnePass, false, params, binds);
+        self.launch(
+            batch,
+            Family::FwdOnePass,
+            (false, DType::F32),
+            params,
+            binds,
+        );
         Ok((gpu(saved), gpu(y)))
     }
 
@@ -492,7 +518,13 @@ impl Backend for GpuContext {
             ..Params::default()
         };
         let binds = vec![bind(mean), bind(var), (&saved).into()];
-        self.launch(batch, Family::StatsRunning, false, params, binds);
+        self.launch(
+            batch,
+            Family::StatsRunning,
+            (false, DType::F32),
+            params,
+            binds,
+        );
         Ok(gpu(saved))
     }
 
@@ -505,8 +537,8 @@ impl Backend for GpuContext {
         bias: Option<&Tensor>,
         epi: Epilogue<'_>,
     ) -> Result<Data> {
-        let plan = self.plan(x.shape().view())?;
-        let [y] = self.buffers([x.numel()])?;
+        let plan = self.plan(x.shape().view(), x.dtype())?;
+        let [y] = self.buffers([x.words()])?;
         if plan.is_empty() {
             return Ok(gpu(y));
         }
@@ -537,7 +569,7 @@ impl Backend for GpuContext {
             self.launch(
                 batch,
                 family,
-                plan.vec4,
+                plan.units(),
                 plan.elementwise(&chunk, flags),
                 binds,
             );
@@ -555,7 +587,7 @@ impl Backend for GpuContext {
         dbias: bool,
     ) -> Result<Reduced> {
         let c = x.shape().channels();
-        let plan = self.plan(x.shape().view())?;
+        let plan = self.plan(x.shape().view(), x.dtype())?;
         let [sums, dw, db] = self.buffers([4 * c, c, c])?;
         if plan.is_empty() {
             // An empty batch has zero sums and gradients; pooled buffers hold old data.
@@ -582,7 +614,7 @@ impl Backend for GpuContext {
             self.launch(
                 batch,
                 Family::BwdFinalize,
-                false,
+                (false, DType::F32),
                 plan.finalize(true, flags),
                 binds,
             );
@@ -604,8 +636,8 @@ impl Backend for GpuContext {
         sums: Option<(&Summaries, u64)>,
     ) -> Result<Data> {
         let c = x.shape().channels();
-        let plan = self.plan(x.shape().view())?;
-        let [dx, coef] = self.buffers([x.numel(), 4 * c])?;
+        let plan = self.plan(x.shape().view(), x.dtype())?;
+        let [dx, coef] = self.buffers([x.words(), 4 * c])?;
         if plan.is_empty() {
             return Ok(gpu(dx));
         }
@@ -631,7 +663,13 @@ impl Backend for GpuContext {
             w.into(),
             (&coef).into(),
         ];
-        self.launch(batch, Family::BwdFinalize, false, params, binds);
+        self.launch(
+            batch,
+            Family::BwdFinalize,
+            (false, DType::F32),
+            params,
+            binds,
+        );
         self.bwd_dx(batch, &plan, dy, x, &coef, &dx, sums.is_some(), None, None);
         Ok(gpu(dx))
     }
@@ -648,15 +686,15 @@ impl Backend for GpuContext {
         epi: EpilogueGrad<'_>,
     ) -> Result<Grads> {
         let c = x.shape().channels();
-        let plan = self.plan(x.shape().view())?;
+        let plan = self.plan(x.shape().view(), x.dtype())?;
         // dz comes out of the dx pass: with dz, that pass runs (dx is then written too).
         let run_dx = want_dx || epi.dz;
         let [dx, dw, db, coef, dz] = self.buffers([
-            if run_dx { x.numel() } else { 0 },
+            if run_dx { x.words() } else { 0 },
             c,
             c,
             4 * c,
-            if epi.dz { x.numel() } else { 0 },
+            if epi.dz { x.words() } else { 0 },
         ])?;
         let reduce = want_dw || want_db || (run_dx && training);
         // The one-pass kernel has no epilogue: the fused backward takes the two passes.
@@ -696,7 +734,13 @@ impl Backend for GpuContext {
                     (&dx).into()
                 },
             ];
-            self.launch(batch, Family::BwdOnePass, false, params, binds);
+            self.launch(
+                batch,
+                Family::BwdOnePass,
+                (false, DType::F32),
+                params,
+                binds,
+            );
         } else if reduce || run_dx {
             let partials: Bind = if reduce {
                 (&self.bwd_partials(batch, &plan, dy, x, saved, epi.relu_y)?).into()
@@ -726,7 +770,13 @@ impl Backend for GpuContext {
                 (&db).into(),
                 (&coef).into(),
             ];
-            self.launch(batch, Family::BwdFinalize, false, params, binds);
+            self.launch(
+                batch,
+                Family::BwdFinalize,
+                (false, DType::F32),
+                params,
+                binds,
+            );
             if run_dx {
                 let dz = epi.dz.then_some(&dz);
                 self.bwd_dx(batch, &plan, dy, x, &coef, &dx, training, epi.relu_y, dz);

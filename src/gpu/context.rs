@@ -8,6 +8,7 @@ use super::kernels::{subgroups_usable, Kernels};
 use super::plan::{Partitioning, Plan};
 use super::pool::{size_class, BufferPool, GpuBuffer, MemoryStats};
 use super::timer::KernelTimer;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::View;
 
@@ -363,11 +364,12 @@ impl GpuContext {
             .map_or(device, |cap| cap.clamp(256, device))
     }
 
-    /// How `view` is cut into chunks and workgroups on this device.
-    pub fn plan(&self, view: View) -> Result<Plan> {
-        self.check_size((view.numel() * 4) as u64)?;
+    /// How `view` of `dtype` values is cut into chunks and workgroups on this device.
+    pub fn plan(&self, view: View, dtype: DType) -> Result<Plan> {
+        self.check_size((dtype.words(view.numel()) * 4) as u64)?;
         Plan::new(
             view,
+            dtype,
             self.max_binding(),
             self.tuning
                 .offset_alignment

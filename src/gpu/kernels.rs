@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use bytemuck::{Pod, Zeroable};
 
 use super::pool::GpuBuffer;
+use crate::dtype::DType;
 
 /// Invocations per workgroup in every kernel (`WG` in WGSL). The tree reductions assume a
 /// power of two.
@@ -65,6 +66,8 @@ pub(crate) const FLAG_DZ: u32 = 16384;
 
 const PRELUDE_VEC4: &str = include_str!("../../shaders/prelude_vec4.wgsl");
 const PRELUDE_SCALAR: &str = include_str!("../../shaders/prelude_scalar.wgsl");
+const PRELUDE_VEC2: &str = include_str!("../../shaders/prelude_vec2.wgsl");
+const STORAGE_HALF: &str = include_str!("../../shaders/storage_half.wgsl");
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const REDUCE_TREE: &str = include_str!("../../shaders/reduce_tree.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
@@ -175,6 +178,13 @@ impl Family {
         )
     }
 
+    /// Whether the family reads or writes tensor data (x, dy, y, z, dx, dz) through `load_unit` /
+    /// `store_unit`, and so has variants for half-precision storage (built on first use). The
+    /// one-pass kernels are f32 only: a half tensor takes the two passes.
+    fn stores_data(self) -> bool {
+        self.vectorized()
+    }
+
     /// Whether the family is built twice, over vec4 and scalar units (the per-channel
     /// finalize passes are scalar only).
     fn vectorized(self) -> bool {
@@ -203,17 +213,47 @@ pub(crate) fn compose(
     cap: u32,
     fused: bool,
     subgroups: bool,
+    dtype: DType,
 ) -> String {
-    let prelude = if vec4 { PRELUDE_VEC4 } else { PRELUDE_SCALAR };
+    let half = dtype != DType::F32;
+    let prelude = match (vec4, half) {
+        (true, _) => PRELUDE_VEC4,
+        (false, false) => PRELUDE_SCALAR,
+        (false, true) => PRELUDE_VEC2,
+    };
     let reduce = match (family.reduces(), subgroups) {
         (false, _) => "",
         (true, false) => REDUCE_TREE,
         (true, true) => REDUCE_SUBGROUP,
     };
+    let storage = storage_glue(dtype, vec4);
     let body = family.source();
     format!(
-        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\nconst FUSED: bool = {fused};\n{prelude}\n{COMMON}\n{reduce}\n{body}"
+        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\nconst FUSED: bool = {fused};\n{prelude}\n{storage}\n{COMMON}\n{reduce}\n{body}"
     )
+}
+
+/// The storage element `S` of a data binding and its `load_unit` / `store_unit` to and from a unit `V`:
+/// the unit itself for f32; for the half types one 32-bit word per pair unit (vec2) and two
+/// per vec4 unit, through storage_half.wgsl's conversions.
+fn storage_glue(dtype: DType, vec4: bool) -> String {
+    let prefix = match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => {
+            return "alias S = V;\nfn load_unit(w: S) -> V { return w; }\nfn store_unit(v: V) -> S { return v; }\n"
+                .into()
+        }
+    };
+    if vec4 {
+        format!(
+            "{STORAGE_HALF}\nalias S = vec2<u32>;\nfn load_unit(w: S) -> V {{ return vec4<f32>({prefix}_ld2(w.x), {prefix}_ld2(w.y)); }}\nfn store_unit(v: V) -> S {{ return vec2<u32>({prefix}_st2(v.xy), {prefix}_st2(v.zw)); }}\n"
+        )
+    } else {
+        format!(
+            "{STORAGE_HALF}\nalias S = u32;\nfn load_unit(w: S) -> V {{ return {prefix}_ld2(w); }}\nfn store_unit(v: V) -> S {{ return {prefix}_st2(v); }}\n"
+        )
+    }
 }
 
 /// Whether kernels on a device with `features` and subgroups of `min_size ..= max_size`
@@ -263,13 +303,23 @@ pub fn shader_sources() -> Vec<(String, String)> {
             );
             out.push((
                 format!("{name}_scalar"),
-                compose(family, false, cap, fused, subgroups),
+                compose(family, false, cap, fused, subgroups, DType::F32),
             ));
             if family.vectorized() {
                 out.push((
                     format!("{name}_vec4"),
-                    compose(family, true, cap, fused, subgroups),
+                    compose(family, true, cap, fused, subgroups, DType::F32),
                 ));
+            }
+            if family.stores_data() {
+                for (dtype, tag) in [(DType::F16, "f16"), (DType::BF16, "bf16")] {
+                    for (vec4, units) in [(false, "pair"), (true, "quad")] {
+                        out.push((
+                            format!("{name}_{tag}_{units}"),
+                            compose(family, vec4, cap, fused, subgroups, dtype),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -321,6 +371,13 @@ pub(crate) struct Variants {
     scalar: Kernel,
     fused_vec4: OnceLock<Kernel>,
     fused_scalar: OnceLock<Kernel>,
+    /// The half-storage variants, by [`half_slot`].
+    half: [OnceLock<Kernel>; 8],
+}
+
+/// The slot of a half-storage variant: (dtype, vec4 or pair units, fused).
+fn half_slot(dtype: DType, vec4: bool, fused: bool) -> usize {
+    (dtype == DType::BF16) as usize * 4 + vec4 as usize * 2 + fused as usize
 }
 
 impl Variants {
@@ -358,7 +415,7 @@ impl Kernels {
                 }
                 let cap = one_pass_cap.unwrap_or(0);
                 let name = f.name();
-                let source = |vec4| compose(f, vec4, cap, false, subgroups);
+                let source = |vec4| compose(f, vec4, cap, false, subgroups, DType::F32);
                 Some(Variants {
                     vec4: f
                         .vectorized()
@@ -366,6 +423,7 @@ impl Kernels {
                     scalar: Kernel::new(device, name, &source(false)),
                     fused_vec4: OnceLock::new(),
                     fused_scalar: OnceLock::new(),
+                    half: Default::default(),
                 })
             })
             .collect();
@@ -378,8 +436,10 @@ impl Kernels {
     }
 
     /// The pipeline of `family` over vec4 or scalar units (scalar-only families ignore
-    /// `vec4`), its fused-epilogue variant where `flags` ask for an epilogue.
-    pub fn get(&self, family: Family, vec4: bool, flags: u32) -> &Kernel {
+    /// `vec4`), its fused-epilogue variant where `flags` ask for an epilogue, over tensor
+    /// data of `dtype` (families that touch no tensor data ignore it; for a half type the
+    /// narrow units are pairs).
+    pub fn get(&self, family: Family, vec4: bool, dtype: DType, flags: u32) -> &Kernel {
         let index = Family::ALL
             .iter()
             .position(|&f| f == family)
@@ -387,7 +447,14 @@ impl Kernels {
         let variants = self.families[index]
             .as_ref()
             .expect("plans pick the one-pass kernels only where they are built");
-        if !(family.has_epilogue() && fused(flags)) {
+        let fused = family.has_epilogue() && fused(flags);
+        if dtype != DType::F32 && family.stores_data() {
+            return variants.half[half_slot(dtype, vec4, fused)].get_or_init(|| {
+                let source = compose(family, vec4, 0, fused, self.subgroups, dtype);
+                Kernel::new(&self.device, family.name(), &source)
+            });
+        }
+        if !fused {
             return variants.get(vec4);
         }
         let vec4 = vec4 && family.vectorized();
@@ -398,7 +465,7 @@ impl Kernels {
         };
         slot.get_or_init(|| {
             let cap = self.one_pass_cap.unwrap_or(0);
-            let source = compose(family, vec4, cap, true, self.subgroups);
+            let source = compose(family, vec4, cap, true, self.subgroups, DType::F32);
             Kernel::new(&self.device, family.name(), &source)
         })
     }
@@ -451,6 +518,8 @@ impl From<&Arc<GpuBuffer>> for Bind {
 pub(crate) struct Launch {
     pub family: Family,
     pub vec4: bool,
+    /// The storage type of the tensor data the kernel reads and writes.
+    pub dtype: DType,
     pub params: Params,
     pub buffers: Vec<Bind>,
 }
@@ -535,7 +604,12 @@ pub(crate) fn encode(
                     },
                 }),
         );
-        let kernel = kernels.get(launch.family, launch.vec4, launch.params.flags);
+        let kernel = kernels.get(
+            launch.family,
+            launch.vec4,
+            launch.dtype,
+            launch.params.flags,
+        );
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.name),
             layout: &kernel.layout,

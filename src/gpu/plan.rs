@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::kernels::{Bind, Family, Params, FLAG_THREAD_PER_CHANNEL, WORKGROUP_SIZE};
 use super::pool::GpuBuffer;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::View;
 
@@ -95,7 +96,10 @@ pub(crate) struct Plan {
     /// The device's `min_storage_buffer_offset_alignment`.
     align: u64,
     mapping: Mapping,
+    /// Wide units (vec4), or narrow ones: scalars for f32, pairs for the half types.
     pub vec4: bool,
+    /// The storage type of the tensor data.
+    pub dtype: DType,
     pub channels: u32,
     /// Values per run (the spatial size for channels-first; 1 for channels-last).
     run_len: u32,
@@ -141,21 +145,45 @@ pub(crate) struct Chunk {
 impl Plan {
     /// `max_binding`: the largest storage binding to use; `align`: the device's
     /// `min_storage_buffer_offset_alignment`.
-    pub fn new(v: View, max_binding: u64, align: u64, tuning: Tuning) -> Result<Self> {
+    pub fn new(
+        v: View,
+        dtype: DType,
+        max_binding: u64,
+        align: u64,
+        tuning: Tuning,
+    ) -> Result<Self> {
         let wg = WORKGROUP_SIZE;
         let channels = v.channels as u32;
         let run_len = v.inner as u32;
+        // Values per narrow unit: a scalar, or for the half types the pair in one word.
+        let narrow = if dtype == DType::F32 { 1 } else { 2 };
         let (mapping, vec4) = if run_len.is_multiple_of(4) && run_len / 4 >= wg {
             (Mapping::Runs { inner: run_len / 4 }, true)
-        } else if run_len >= 4 * wg {
-            // Long runs that are not whole vec4 units: the runs mapping over scalars. (The
-            // column mapping keeps a partial per value column and tile, as many values as
-            // a whole row: for runs this long that is a second tensor's worth of scratch.)
-            (Mapping::Runs { inner: run_len }, false)
+        } else if run_len >= 4 * wg && run_len.is_multiple_of(narrow) {
+            // Long runs that are not whole vec4 units: the runs mapping over narrow units.
+            // (The column mapping keeps a partial per value column and tile, as many values
+            // as a whole row: for runs this long that is a second tensor's worth of scratch.)
+            (
+                Mapping::Runs {
+                    inner: run_len / narrow,
+                },
+                false,
+            )
         } else {
             let row_len = channels * run_len;
             let vec4 = row_len.is_multiple_of(4);
-            let units = if vec4 { row_len / 4 } else { row_len };
+            if !vec4 && !row_len.is_multiple_of(narrow) && v.numel() > 0 {
+                // A pair unit would straddle two rows, which no mapping follows.
+                return Err(Error::UnsupportedDType {
+                    dtype,
+                    reason: format!(
+                        "a {dtype} tensor's rows (C × spatial = {row_len} values, in memory \
+                         order) must hold an even number of values on the GPU; use float32 \
+                         or the CPU path for this shape"
+                    ),
+                });
+            }
+            let units = if vec4 { row_len / 4 } else { row_len / narrow };
             let col_block = 1 << units.clamp(1, wg).ilog2();
             let mapping = Mapping::Columns {
                 units,
@@ -164,7 +192,7 @@ impl Plan {
             };
             (mapping, vec4)
         };
-        let row_bytes = (v.channels * v.inner * 4) as u64;
+        let row_bytes = (v.channels * v.inner * dtype.size()) as u64;
         let total_bytes = row_bytes * v.outer as u64;
         let rows_per_chunk = if total_bytes <= max_binding {
             v.outer.max(1) as u64
@@ -206,6 +234,7 @@ impl Plan {
             align,
             mapping,
             vec4,
+            dtype,
             channels,
             run_len,
             row_bytes,
@@ -219,7 +248,7 @@ impl Plan {
     }
 
     pub fn chunk_list(&self) -> Vec<Chunk> {
-        let unit = if self.vec4 { 16 } else { 4 };
+        let unit = self.dtype.size() as u64 * if self.vec4 { 4 } else { self.narrow() };
         (0..self.chunks)
             .map(|index| {
                 let o0 = index * self.rows_per_chunk;
@@ -241,8 +270,9 @@ impl Plan {
                     index,
                     rows,
                     range: Some((bound, slack + rows as u64 * self.row_bytes)),
-                    // vec4 rows are whole units and the alignment is a multiple of 16 bytes
-                    // (or smaller than a row's unit), so the slack is whole units.
+                    // Rows are whole units (16-byte vec4, 8-byte half quad, 4-byte scalar or
+                    // half pair) and the alignment is a multiple of a unit (or smaller than
+                    // a row's unit), so the slack is whole units.
                     base: (slack / unit) as u32,
                 }
             })
@@ -256,6 +286,20 @@ impl Plan {
             buffer,
             chunk.range.map(|(at, size)| (at + buffer.offset, size)),
         )
+    }
+
+    /// The kernels' units: (vec4, the storage type).
+    pub fn units(&self) -> (bool, DType) {
+        (self.vec4, self.dtype)
+    }
+
+    /// Values per narrow unit: 1 (f32 scalars) or 2 (half pairs).
+    fn narrow(&self) -> u64 {
+        if self.dtype == DType::F32 {
+            1
+        } else {
+            2
+        }
     }
 
     /// Whether the tensor holds no values (nothing to launch).
@@ -388,7 +432,13 @@ impl Plan {
     pub fn one_pass(&self, cap: Option<u32>, per_value: u32) -> Option<OnePass> {
         let cap = cap?;
         let need = self.count.checked_mul(per_value)?;
-        if self.chunks != 1 || self.is_empty() || need == 0 || need > cap {
+        // f32 kernels only: a half tensor takes the two passes.
+        if self.dtype != DType::F32
+            || self.chunks != 1
+            || self.is_empty()
+            || need == 0
+            || need > cap
+        {
             return None;
         }
         let fit = 1u32 << (cap / need).ilog2();

@@ -41,13 +41,22 @@ pub use types::{
 use crate::backend::{Epilogue, EpilogueGrad, Summaries};
 use crate::config::{validate_eps, validate_momentum};
 use crate::context::{Context, Tensor};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::shape::Shape;
 
-/// Checks an optional per-channel tensor: same context, shape (C).
+/// Checks an optional per-channel tensor: same context, shape (C), float32 (parameters and
+/// running statistics stay f32 under a half input, as in PyTorch's mixed type).
 fn check_param(ctx: &Context, t: Option<&Tensor>, name: &'static str, c: usize) -> Result<()> {
     let Some(t) = t else { return Ok(()) };
     ctx.check_same(name, t.context().id())?;
+    if t.dtype() != DType::F32 {
+        return Err(Error::DTypeMismatch {
+            what: "per-channel tensors (weight, bias, running statistics) are float32",
+            expected: DType::F32,
+            got: t.dtype(),
+        });
+    }
     if t.numel() != c {
         return Err(Error::ParameterLength {
             name,
@@ -82,7 +91,7 @@ fn check_dy(x: &Tensor, dy: &Tensor) -> Result<()> {
 }
 
 /// Checks a tensor that pairs with x value for value (dy, a residual, a fused output):
-/// same context, same shape and layout.
+/// same context, same shape and layout, same dtype.
 fn check_like(x: &Tensor, t: &Tensor, name: &'static str, what: &'static str) -> Result<()> {
     x.context().check_same(name, t.context().id())?;
     if t.shape() != x.shape() {
@@ -90,6 +99,17 @@ fn check_like(x: &Tensor, t: &Tensor, name: &'static str, what: &'static str) ->
             what,
             expected: x.dims().to_vec(),
             got: t.dims().to_vec(),
+        });
+    }
+    if t.dtype() != x.dtype() {
+        return Err(Error::DTypeMismatch {
+            what: match name {
+                "dy" => "dy must have the dtype of x",
+                "residual" => "the residual must have the dtype of x",
+                _ => "y (the fused forward's output) must have the dtype of x",
+            },
+            expected: x.dtype(),
+            got: t.dtype(),
         });
     }
     Ok(())
@@ -254,7 +274,7 @@ pub(crate) fn forward_fused(
     };
     k.submit(batch)?;
     Ok((
-        y.map(|y| Tensor::new(ctx, x.shape().clone(), y)),
+        y.map(|y| Tensor::typed(ctx, x.shape().clone(), y, x.dtype())),
         SavedStats::new(ctx, c, Some(x.shape().clone()), training, saved),
     ))
 }
@@ -334,7 +354,7 @@ fn backward_fused(
     )?;
     k.submit(batch)?;
     let per_channel = |d| Tensor::new(ctx, Shape::new(&[c]).expect("rank 1"), d);
-    let like_x = |d| Tensor::new(ctx, x.shape().clone(), d);
+    let like_x = |d| Tensor::typed(ctx, x.shape().clone(), d, x.dtype());
     Ok(ReluGradients {
         dx: g.dx.map(like_x),
         dweight: g.dweight.map(per_channel),
@@ -422,7 +442,7 @@ pub fn batch_norm_elemt(
     let mut batch = k.begin()?;
     let y = k.elemt(&mut batch, x, &saved.data, weight, bias, Epilogue::NONE)?;
     k.submit(batch)?;
-    Ok(Tensor::new(ctx, x.shape().clone(), y))
+    Ok(Tensor::typed(ctx, x.shape().clone(), y, x.dtype()))
 }
 
 /// Per channel Σ dy and Σ dy·(x − μ) over this part of the batch, and dγ = Σ dy·(x − μ)·invstd
@@ -492,5 +512,5 @@ pub fn batch_norm_backward_elemt(
     let with_sums = saved.is_batch_stats().then_some((&sums.data, total_count));
     let dx = k.backward_elemt(&mut batch, dy, x, &saved.data, weight, with_sums)?;
     k.submit(batch)?;
-    Ok(Tensor::new(ctx, x.shape().clone(), dx))
+    Ok(Tensor::typed(ctx, x.shape().clone(), dx, x.dtype()))
 }

@@ -1,0 +1,433 @@
+//! Half-precision storage (float16, bfloat16) for x, y, dy, dx and the residual, with f32
+//! parameters and statistics: PyTorch's mixed type. On every backend and the CPU path, for
+//! each mapping the GPU plans take (pair and vec4 units over long runs, the column mapping,
+//! channels-last, chunks past a binding): the outputs against the f64 oracle run on the
+//! same (exactly widened) half inputs, the statistics against the f32 path on those inputs,
+//! and typed errors for mixed dtypes and shapes a GPU cannot store.
+//!
+//! Tolerances. A half output is the f32 result rounded once, to nearest, to the storage
+//! type, so it lies within half a unit in the last place of the value: 2^-11 relative for
+//! float16 and 2^-8 for bfloat16, plus the f32 arithmetic's own error on either side (a few
+//! 1e-7 relative, 4e-6 allowed) and an absolute 1e-5 for values near 0, where f32
+//! cancellation in dx (a difference of terms of size ~1) is larger than their half ulp.
+//! A store that truncated instead of rounding would be up to a whole ulp off, and fails.
+//! Statistics are f32 and are held to the f32 path's tolerance.
+
+mod common;
+
+use common::{assert_close, normal, on_every_backend, widen};
+use wgpu_batchnorm::half::{bf16, f16};
+use wgpu_batchnorm::{
+    ops, Context, ContextOptions, DType, Error, GradMask, HalfFloat, Layout, Tensor,
+};
+
+/// (atol, rtol) for a value stored in `dtype`: half an ulp relative, and the f32 margins.
+fn half_tol(dtype: DType) -> (f64, f64) {
+    let half_ulp = match dtype {
+        DType::F16 => 1.0 / 2048.0,
+        DType::BF16 => 1.0 / 256.0,
+        _ => f32::EPSILON as f64 / 2.0,
+    };
+    (1e-5, half_ulp + 4e-6)
+}
+
+/// `v` rounded to `dtype` (the values a half tensor of them holds).
+fn round(v: &[f32], dtype: DType) -> Vec<f32> {
+    v.iter()
+        .map(|&x| match dtype {
+            DType::F16 => f16::from_f32(x).to_f32(),
+            DType::BF16 => bf16::from_f32(x).to_f32(),
+            _ => x,
+        })
+        .collect()
+}
+
+/// A tensor of `dtype` holding `v` (rounded to it).
+fn half_tensor(ctx: &Context, v: &[f32], dims: &[usize], layout: Layout, dtype: DType) -> Tensor {
+    fn make<T: HalfFloat>(
+        ctx: &Context,
+        v: &[f32],
+        dims: &[usize],
+        layout: Layout,
+        from: fn(f32) -> T,
+    ) -> Tensor {
+        let h: Vec<T> = v.iter().map(|&x| from(x)).collect();
+        ctx.tensor_from_half(&h, dims, layout).unwrap()
+    }
+    match dtype {
+        DType::F16 => make(ctx, v, dims, layout, f16::from_f32),
+        DType::BF16 => make(ctx, v, dims, layout, bf16::from_f32),
+        _ => ctx.tensor_with_layout(v, dims, layout).unwrap(),
+    }
+}
+
+/// A training step (forward with running statistics, backward) and an inference forward;
+/// every output as f32 host values, named.
+fn step(
+    ctx: &Context,
+    dims: &[usize],
+    layout: Layout,
+    xs: &[f32],
+    dys: &[f32],
+    dtype: DType,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let c = dims[1];
+    let x = half_tensor(ctx, xs, dims, layout, dtype);
+    let dy = half_tensor(ctx, dys, dims, layout, dtype);
+    let p = |v: Vec<f32>| ctx.tensor_from_slice(&v, &[c]).unwrap();
+    let (w, b) = (p(normal(c, 7, 1.0, 0.5)), p(normal(c, 8, 0.0, 0.5)));
+    let (mut rm, mut rv) = (p(vec![0.0; c]), p(vec![1.0; c]));
+    let f = ops::batch_norm(
+        &x,
+        Some(&mut rm),
+        Some(&mut rv),
+        Some(&w),
+        Some(&b),
+        true,
+        0.1,
+        1e-5,
+    )
+    .unwrap();
+    assert_eq!(f.y.dtype(), dtype, "y takes x's dtype");
+    let g = ops::batch_norm_backward(&dy, &x, &f.saved, Some(&w), GradMask::ALL).unwrap();
+    let dx = g.dx.unwrap();
+    assert_eq!(dx.dtype(), dtype, "dx takes x's dtype");
+    let e = ops::batch_norm(
+        &x,
+        Some(&mut rm),
+        Some(&mut rv),
+        Some(&w),
+        Some(&b),
+        false,
+        0.1,
+        1e-5,
+    )
+    .unwrap();
+    vec![
+        ("y", f.y.to_vec().unwrap()),
+        ("saved mean", f.saved.mean().unwrap()),
+        ("saved invstd", f.saved.invstd().unwrap()),
+        ("running mean", rm.to_vec().unwrap()),
+        ("running var", rv.to_vec().unwrap()),
+        ("dx", dx.to_vec().unwrap()),
+        ("dweight", g.dweight.unwrap().to_vec().unwrap()),
+        ("dbias", g.dbias.unwrap().to_vec().unwrap()),
+        ("eval y", e.y.to_vec().unwrap()),
+    ]
+}
+
+/// Whether output `name` is stored in the half type (else it is an f32 statistic).
+fn stored_half(name: &str) -> bool {
+    matches!(name, "y" | "dx" | "eval y")
+}
+
+/// One shape, both half types, every backend: each output against the f32 path run on the
+/// same (widened) inputs, the half outputs within one storage ulp, the statistics within
+/// f32 tolerance.
+fn compare(dims: &[usize], layout: Layout, mean: f64, std: f64) {
+    let n: usize = dims.iter().product();
+    for dtype in [DType::F16, DType::BF16] {
+        let xs = round(&normal(n, 3, mean, std), dtype);
+        let dys = round(&normal(n, 4, 0.0, 1.0), dtype);
+        // The reference: the CPU path in f32 on the exact half values (its f64-stable
+        // statistics), unrounded.
+        let want = step(&Context::cpu(), dims, layout, &xs, &dys, DType::F32);
+        on_every_backend("half_storage", |ctx| {
+            let got = step(ctx, dims, layout, &xs, &dys, dtype);
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                let what = format!("{dims:?} {layout:?} {dtype} on {}: {name}", ctx.name());
+                let w = widen(w);
+                if stored_half(name) {
+                    let (atol, rtol) = half_tol(dtype);
+                    assert_close(&what, g, &w, atol, rtol);
+                } else {
+                    assert_close(&what, g, &w, 1e-5, 1e-4);
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn half_storage_matches_the_f32_path_on_every_mapping() {
+    let cases: &[(&[usize], Layout)] = &[
+        (&[2, 3, 40, 40], Layout::ChannelsFirst), // long runs, vec4 units
+        (&[2, 4, 33, 32], Layout::ChannelsFirst), // long runs of 1056: pair units
+        (&[8, 6, 7, 7], Layout::ChannelsFirst),   // columns, rows of 294: pairs
+        (&[64, 12], Layout::ChannelsFirst),       // (N, C): vec4 columns
+        (&[32, 6], Layout::ChannelsFirst),        // (N, C): pair columns
+        (&[4, 6, 5, 5], Layout::ChannelsLast),    // channels-last, C = 6
+        (&[2, 4, 3, 4, 5], Layout::ChannelsFirst), // rank 5
+        (&[2, 2], Layout::ChannelsFirst),         // two values per channel
+    ];
+    for &(dims, layout) in cases {
+        compare(dims, layout, 1.0, 2.0);
+    }
+}
+
+#[test]
+fn half_storage_past_one_binding_is_chunked() {
+    let dtype = DType::F16;
+    let dims = [16, 4, 8, 8];
+    let n: usize = dims.iter().product();
+    let xs = round(&normal(n, 5, -2.0, 3.0), dtype);
+    let dys = round(&normal(n, 6, 0.0, 1.0), dtype);
+    let want = step(
+        &Context::cpu(),
+        &dims,
+        Layout::ChannelsFirst,
+        &xs,
+        &dys,
+        DType::F32,
+    );
+    let capped = ContextOptions {
+        max_binding_size: Some(1024),
+    };
+    for ctx in common::gpus_with(capped) {
+        let ctx = ctx.unwrap();
+        let _gl = (ctx.backend_kind() == "gl").then(common::gl_lock);
+        let got = step(&ctx, &dims, Layout::ChannelsFirst, &xs, &dys, dtype);
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            let what = format!("chunked {dtype} on {}: {name}", ctx.name());
+            let (atol, rtol) = if stored_half(name) {
+                half_tol(dtype)
+            } else {
+                (1e-4, 1e-4)
+            };
+            assert_close(&what, g, &widen(w), atol, rtol);
+        }
+    }
+}
+
+#[test]
+fn half_sums_do_not_overflow() {
+    // f16's extremes (±65504) and a channel of two million values: the sums run in f32
+    // (onnxruntime's f16 LayerNorm and InstanceNorm overflowed in the storage type).
+    let dtype = DType::F16;
+    let dims = [2, 2, 1024, 1024];
+    let n: usize = dims.iter().product();
+    let clamped: Vec<f32> = normal(n, 9, 0.0, 20000.0)
+        .iter()
+        .map(|v| v.clamp(-65504.0, 65504.0))
+        .collect();
+    let mut xs = round(&clamped, dtype);
+    for (i, v) in xs.iter_mut().enumerate().step_by(97) {
+        *v = if i % 2 == 0 { 65504.0 } else { -65504.0 };
+    }
+    let dys = round(&normal(n, 10, 0.0, 1.0), dtype);
+    let want = step(
+        &Context::cpu(),
+        &dims,
+        Layout::ChannelsFirst,
+        &xs,
+        &dys,
+        DType::F32,
+    );
+    on_every_backend("half_sums_do_not_overflow", |ctx| {
+        let got = step(ctx, &dims, Layout::ChannelsFirst, &xs, &dys, dtype);
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            let what = format!("{dtype} extremes on {}: {name}", ctx.name());
+            assert!(g.iter().all(|v| v.is_finite()), "{what}: not finite");
+            // The means are f32 sums of values of size 2e4: they are held to 1e-5 of the
+            // spread (0.2), not to an absolute 1e-4.
+            let (atol, rtol) = match *name {
+                n if stored_half(n) => half_tol(dtype),
+                "saved mean" | "running mean" => (0.2, 1e-4),
+                _ => (1e-4, 1e-4),
+            };
+            assert_close(&what, g, &widen(w), atol, rtol);
+        }
+    });
+}
+
+#[test]
+fn half_values_round_trip_and_keep_their_bits() {
+    let bits: Vec<u16> = vec![
+        0x0000, 0x8000, 0x0001, 0x03ff, 0x3c00, 0x7bff, 0x7c00, 0xfc00, 0x7e00,
+    ];
+    let h: Vec<f16> = bits.iter().map(|&b| f16::from_bits(b)).collect();
+    let b16: Vec<bf16> = bits.iter().map(|&b| bf16::from_bits(b)).collect();
+    on_every_backend("half_round_trip", |ctx| {
+        let t = ctx
+            .tensor_from_half(&h, &[1, 9], Layout::ChannelsFirst)
+            .unwrap();
+        assert_eq!(t.dtype(), DType::F16);
+        let back: Vec<u16> = t
+            .to_half_vec::<f16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(back, bits, "{}", ctx.name());
+        let wide = t.to_vec().unwrap();
+        for (w, v) in wide.iter().zip(&h) {
+            assert!(
+                w.to_bits() == v.to_f32().to_bits(),
+                "{}: {w} vs {v}",
+                ctx.name()
+            );
+        }
+        let t = ctx
+            .tensor_from_half(&b16, &[1, 9], Layout::ChannelsFirst)
+            .unwrap();
+        let back: Vec<u16> = t
+            .to_half_vec::<bf16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(back, bits, "{}", ctx.name());
+        assert!(matches!(
+            t.to_half_vec::<f16>(),
+            Err(Error::DTypeMismatch { .. })
+        ));
+    });
+}
+
+#[test]
+fn half_stores_round_to_nearest_even_and_saturate_to_inf() {
+    // y = x·γ with γ = 1, β = 0 and statistics (0, 1) from running stats (inference): y is x
+    // through the f32 arithmetic and one rounding. x is f32-exact in half, so for the test of
+    // the store itself scale by γ: ties, overflow past 65504, subnormals, NaN.
+    // A tie (to even: down), a value past a half ulp (up), the overflow tie at 65520 (to
+    // Inf), a subnormal, NaN.
+    let gammas = [
+        1.0f32 + 1.0 / 2048.0,
+        1.0 + 3.0 / 4096.0,
+        65520.0 / 65504.0,
+        1.0 / 65536.0,
+        3.0,
+    ];
+    let xs = [1.0f32, 1.0, 65504.0, 1.0, f32::NAN];
+    let dtype = DType::F16;
+    on_every_backend("half_store_rounding", |ctx| {
+        for (&gamma, &xv) in gammas.iter().zip(&xs) {
+            let x = half_tensor(ctx, &[xv, xv], &[1, 2], Layout::ChannelsFirst, dtype);
+            let p = |v: f32| ctx.tensor_from_slice(&[v, v], &[2]).unwrap();
+            let (mut rm, mut rv, w) = (p(0.0), p(1.0 - 1e-5), p(gamma));
+            let y = ops::batch_norm(
+                &x,
+                Some(&mut rm),
+                Some(&mut rv),
+                Some(&w),
+                None,
+                false,
+                0.1,
+                1e-5,
+            )
+            .unwrap()
+            .y
+            .to_vec()
+            .unwrap();
+            let exact = xv as f64 * gamma as f64 / ((1.0 - 1e-5f32) as f64 + 1e-5).sqrt();
+            let want = f16::from_f64(exact).to_f32();
+            for v in y {
+                let same = (v.is_nan() && want.is_nan()) || v == want;
+                assert!(
+                    same,
+                    "{}: {xv}·{gamma} stored as {v} want {want}",
+                    ctx.name()
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn mixed_dtypes_are_typed_errors_and_change_nothing() {
+    on_every_backend("mixed_dtypes", |ctx| {
+        let dims = [4, 2, 2, 2];
+        let xs = normal(32, 1, 0.0, 1.0);
+        let x = half_tensor(ctx, &xs, &dims, Layout::ChannelsFirst, DType::F16);
+        let dy32 = ctx.tensor_from_slice(&xs, &dims).unwrap();
+        let dyb = half_tensor(ctx, &xs, &dims, Layout::ChannelsFirst, DType::BF16);
+        let mut rm = ctx.tensor_from_slice(&[0.5, 0.5], &[2]).unwrap();
+        let mut rv = ctx.tensor_from_slice(&[2.0, 2.0], &[2]).unwrap();
+        let f = ops::batch_norm(
+            &x,
+            Some(&mut rm),
+            Some(&mut rv),
+            None,
+            None,
+            true,
+            0.1,
+            1e-5,
+        )
+        .unwrap();
+        for dy in [&dy32, &dyb] {
+            let e = ops::batch_norm_backward(dy, &x, &f.saved, None, GradMask::ALL).unwrap_err();
+            assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+        }
+        // A half weight, and a residual of another dtype; the running statistics stay.
+        let before = (rm.to_vec().unwrap(), rv.to_vec().unwrap());
+        let w = half_tensor(ctx, &[1.0, 1.0], &[2], Layout::ChannelsFirst, DType::F16);
+        let e = ops::batch_norm(
+            &x,
+            Some(&mut rm),
+            Some(&mut rv),
+            Some(&w),
+            None,
+            true,
+            0.1,
+            1e-5,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+        let e = ops::batch_norm_relu(
+            &x,
+            Some(&dyb),
+            Some(&mut rm),
+            Some(&mut rv),
+            None,
+            None,
+            true,
+            0.1,
+            1e-5,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::DTypeMismatch { .. }), "{e}");
+        assert_eq!((rm.to_vec().unwrap(), rv.to_vec().unwrap()), before);
+    });
+}
+
+#[test]
+fn a_gpu_refuses_half_rows_of_odd_length_and_the_cpu_path_takes_them() {
+    // (N, C) with C odd: a pair unit would straddle two rows.
+    let dims = [4, 3];
+    let xs = normal(12, 2, 0.0, 1.0);
+    on_every_backend("odd_rows", |ctx| {
+        let x = half_tensor(ctx, &xs, &dims, Layout::ChannelsFirst, DType::F16);
+        let r = ops::batch_norm(&x, None, None, None, None, true, 0.1, 1e-5);
+        if ctx.backend_kind() == "cpu" {
+            let want = ops::batch_norm(
+                &Context::cpu()
+                    .tensor_from_slice(&round(&xs, DType::F16), &dims)
+                    .unwrap(),
+                None,
+                None,
+                None,
+                None,
+                true,
+                0.1,
+                1e-5,
+            )
+            .unwrap();
+            let got = r.unwrap().y.to_vec().unwrap();
+            let w = widen(&want.y.to_vec().unwrap());
+            let (atol, rtol) = half_tol(DType::F16);
+            assert_close("odd rows on the CPU path", &got, &w, atol, rtol);
+        } else {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::UnsupportedDType {
+                        dtype: DType::F16,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+    });
+}
