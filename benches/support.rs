@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use wgpu::util::DeviceExt;
 use wgpu_batchnorm::cpu::pool;
+use wgpu_batchnorm::half::{bf16, f16};
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, Context, ContextOptions, DeviceTuning, ForwardOutput, Layout,
-    SavedStats, Tensor,
+    BatchNorm, BatchNormConfig, Context, ContextOptions, DType, DeviceTuning, ForwardOutput,
+    Layout, SavedStats, Tensor,
 };
 
 /// One shape of the suite; names are used everywhere (benches, report, notes).
@@ -143,10 +144,27 @@ pub fn data(len: usize, seed: u32) -> Vec<f32> {
 }
 
 pub fn prepare(ctx: &Context, case: &Case) -> wgpu_batchnorm::Result<Prepared> {
+    prepare_typed(ctx, case, DType::F32)
+}
+
+/// As [`prepare`], with x, dy and z stored as `dtype`.
+pub fn prepare_typed(ctx: &Context, case: &Case, dtype: DType) -> wgpu_batchnorm::Result<Prepared> {
     let numel: usize = case.dims.iter().product();
-    let x = ctx.tensor_with_layout(&data(numel, 1), case.dims, case.layout)?;
-    let dy = ctx.tensor_with_layout(&data(numel, 2), case.dims, case.layout)?;
-    let z = ctx.tensor_with_layout(&data(numel, 4), case.dims, case.layout)?;
+    let tensor = |seed| {
+        let v = data(numel, seed);
+        match dtype {
+            DType::F16 => {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                ctx.tensor_from_half(&h, case.dims, case.layout)
+            }
+            DType::BF16 => {
+                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                ctx.tensor_from_half(&h, case.dims, case.layout)
+            }
+            _ => ctx.tensor_with_layout(&v, case.dims, case.layout),
+        }
+    };
+    let (x, dy, z) = (tensor(1)?, tensor(2)?, tensor(4)?);
     let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(case.dims[1]))?;
     let saved = bn.forward_train(&x)?.saved;
     let fused = bn.forward_relu(&x, Some(&z))?;

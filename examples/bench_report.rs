@@ -15,9 +15,9 @@ use plotters::prelude::*;
 #[path = "../benches/support.rs"]
 mod support;
 use support::{
-    bench_name, contexts_tuned, median_ms, prepare, register_chart_font, Copier, Op, SUITE,
+    bench_name, contexts_tuned, median_ms, prepare_typed, register_chart_font, Copier, Op, SUITE,
 };
-use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning, Partitioning};
+use wgpu_batchnorm::{Context, ContextOptions, DType, DeviceTuning, Partitioning};
 
 const USAGE: &str = "\
 bench_report: the benchmark suite as one table
@@ -37,6 +37,9 @@ usage: bench_report [options]
   --tree                also measure every GPU adapter that reduces with subgroup
                         operations with them off (rows \"<backend> tree\": the
                         workgroup-memory tree reductions), an A/B against the default
+  --half                also measure float16 and bfloat16 storage (rows \"<backend> f16\",
+                        \"<backend> bf16\"); their \"vs plain\" column is the time over the
+                        f32 row's, and their GB/s count 2-byte values
   --fused               also measure the fused add + ReLU (forward and backward) and the
                         unfused forward then add + ReLU pass; their \"vs plain\" column
                         is the time over the plain op's on the same backend
@@ -67,6 +70,7 @@ struct Args {
     one_pass: bool,
     tree: bool,
     fused: bool,
+    half: bool,
     partitioning: Partitioning,
 }
 
@@ -81,6 +85,7 @@ fn parse_args() -> Result<Args, String> {
         one_pass: false,
         tree: false,
         fused: false,
+        half: false,
         partitioning: Partitioning::Auto,
     };
     let mut it = std::env::args().skip(1);
@@ -115,6 +120,7 @@ fn parse_args() -> Result<Args, String> {
             "--chart" => args.chart = Some(value()?),
             "--one-pass" => args.one_pass = true,
             "--tree" => args.tree = true,
+            "--half" => args.half = true,
             "--partitioning" => {
                 args.partitioning = match value()?.as_str() {
                     "auto" => Partitioning::Auto,
@@ -201,7 +207,12 @@ fn main() {
         std::process::exit(2);
     }
     let mut all = Vec::new();
-    let print = Printer::new(&args.format, !pytorch.is_empty(), args.fused);
+    let print = Printer::new(&args.format, !pytorch.is_empty(), args.fused || args.half);
+    let dtypes: &[DType] = if args.half {
+        &[DType::F32, DType::F16, DType::BF16]
+    } else {
+        &[DType::F32]
+    };
     let ops: Vec<Op> = if args.fused {
         Op::ALL.into_iter().chain(Op::FUSED).collect()
     } else {
@@ -217,21 +228,39 @@ fn main() {
         }
         let numel: usize = case.dims.iter().product();
         let mut measured = Vec::new();
+        // (op, label, ms, copy GB/s, kernel ms, dtype, the f32 row's label)
+        let mut half_rows = Vec::new();
         for (label, ctx) in &ctxs {
-            let mut p = match prepare(ctx, case) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("{} on {}: {e}", case.name, ctx.name());
-                    continue;
-                }
-            };
             let mut copier = Copier::new(ctx, numel * 4);
             let copy_ms = median_ms(|i| copier.time(i), 5, args.min_time);
             let copy_gbs = (numel * 8) as f64 / copy_ms / 1e6;
-            for &op in &ops {
-                let ms = median_ms(|i| p.time(op, i), 5, args.min_time);
-                let kernel = p.kernel_ms(op, 5);
-                measured.push((op, label.clone(), ms, copy_gbs, kernel));
+            for &dtype in dtypes {
+                let mut p = match prepare_typed(ctx, case, dtype) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("{} {dtype} on {}: {e}", case.name, ctx.name());
+                        continue;
+                    }
+                };
+                let row_label = match dtype {
+                    DType::F16 => format!("{label} f16"),
+                    DType::BF16 => format!("{label} bf16"),
+                    _ => label.clone(),
+                };
+                // The half rows: the plain ops (the unfused comparison pass is f32 only).
+                let its_ops: Vec<Op> = if dtype == DType::F32 {
+                    ops.clone()
+                } else {
+                    Op::ALL.to_vec()
+                };
+                for &op in &its_ops {
+                    let ms = median_ms(|i| p.time(op, i), 5, args.min_time);
+                    let kernel = p.kernel_ms(op, 5);
+                    measured.push((op, row_label.clone(), ms, copy_gbs, kernel));
+                    if dtype != DType::F32 {
+                        half_rows.push((row_label.clone(), label.clone()));
+                    }
+                }
             }
         }
         for &op in &ops {
@@ -246,7 +275,13 @@ fn main() {
                 .find(|r| r.0 == op && r.1 == "cpu")
                 .map(|r| r.2);
             for (_, backend, ms, copy_gbs, kernel) in measured.iter().filter(|r| r.0 == op) {
-                let gbs = (numel * op.bytes_per_element()) as f64 / ms / 1e6;
+                // A half row: its f32 twin's label, and half the bytes.
+                let f32_twin = half_rows
+                    .iter()
+                    .find(|(l, _)| l == backend)
+                    .map(|(_, base)| base);
+                let bytes = op.bytes_per_element() / if f32_twin.is_some() { 2 } else { 1 };
+                let gbs = (numel * bytes) as f64 / ms / 1e6;
                 let row = Row {
                     shape: case.name,
                     op,
@@ -260,9 +295,15 @@ fn main() {
                         .then(|| pytorch.get(&(case.name.to_string(), op.name().to_string())))
                         .flatten()
                         .copied(),
-                    vs_plain: (op.plain() != op)
-                        .then(|| plain_ms(backend).map(|p| ms / p))
-                        .flatten(),
+                    vs_plain: match f32_twin {
+                        Some(base) => measured
+                            .iter()
+                            .find(|r| r.0 == op && &r.1 == base)
+                            .map(|r| ms / r.2),
+                        None => (op.plain() != op)
+                            .then(|| plain_ms(backend).map(|p| ms / p))
+                            .flatten(),
+                    },
                 };
                 print.row(&row);
                 all.push(row);

@@ -49,22 +49,30 @@ impl DType {
         }
     }
 
-    /// `v` rounded to the nearest value of this type (ties to even; NaN stays NaN).
+    /// `v` rounded to the nearest value of this type (ties to even; past the largest
+    /// finite value ±Inf; NaN stays NaN), as an f32: the bit arithmetic of
+    /// shaders/storage_half.wgsl, which the `half` crate's conversions check in the tests.
+    #[inline]
     pub(crate) fn round(self, v: f32) -> f32 {
-        match self {
-            DType::F32 => v,
-            DType::F16 => half::f16::from_f32(v).to_f32(),
-            DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        let b = v.to_bits();
+        let a = b & 0x7fff_ffff;
+        if self == DType::F32 || a > 0x7f80_0000 {
+            return v;
         }
-    }
-
-    /// Rounds every value in place (nothing for f32).
-    pub(crate) fn round_all(self, v: &mut [f32]) {
-        if self != DType::F32 {
-            for x in v {
-                *x = self.round(*x);
-            }
+        if self == DType::BF16 {
+            return f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
         }
+        let sign = b & 0x8000_0000;
+        if a >= 0x477f_f000 {
+            return f32::from_bits(sign | 0x7f80_0000);
+        }
+        if a >= 0x3880_0000 {
+            // A normal f16: round the f32 mantissa at bit 13.
+            return f32::from_bits(sign | ((a + 0xfff + ((a >> 13) & 1)) & !0x1fff));
+        }
+        // Subnormal f16 or zero: the nearest multiple of 2^-24.
+        let m = (f32::from_bits(a) * 16_777_216.0).round_ties_even();
+        f32::from_bits(sign | (m * 5.960_464_5e-8).to_bits())
     }
 
     /// The 16-bit pattern of `v` (already of this half type) in this type.
@@ -150,6 +158,30 @@ mod tests {
 
     #[test]
     fn rounding_and_packing_are_the_half_types() {
+        // The bit arithmetic against the half crate, over a spread of f32 patterns (every
+        // exponent, mantissas near the rounding points, signs) and the specials.
+        let mut s = 0x9e37_79b9u32;
+        for i in 0..2_000_000u32 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let bits = if i % 4 == 0 {
+                (s & 0xffff_e000) | 0x1000
+            } else {
+                s
+            };
+            let v = f32::from_bits(bits);
+            for (d, want) in [
+                (DType::F16, half::f16::from_f32(v).to_f32()),
+                (DType::BF16, half::bf16::from_f32(v).to_f32()),
+            ] {
+                let got = d.round(v);
+                assert!(
+                    got.to_bits() == want.to_bits() || got.is_nan() && want.is_nan(),
+                    "{d}: {v:e} ({bits:#x}) rounded to {got:e}, want {want:e}"
+                );
+            }
+        }
         assert_eq!(DType::F16.round(65504.0), 65504.0);
         assert_eq!(DType::F16.round(65520.0), f32::INFINITY);
         assert_eq!(DType::BF16.round(1.0 + 1.0 / 256.0), 1.0); // tie to even

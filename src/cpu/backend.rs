@@ -207,7 +207,7 @@ impl Backend for CpuBackend {
         let mut y =
             fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, x.shape().view());
         // A half x gets y rounded to its type once, from the f32 result (as a GPU stores it).
-        x.dtype().round_all(&mut y);
+        fast::round_to(x.dtype(), &mut y);
         Ok(Data::cpu(y))
     }
 
@@ -263,7 +263,7 @@ impl Backend for CpuBackend {
             sums.map(|(s, n)| (pairs(s), n)),
         );
         let mut dx = fast::grad_input(host(x), host(dy), &coef, sums.is_some(), x.shape().view());
-        x.dtype().round_all(&mut dx);
+        fast::round_to(x.dtype(), &mut dx);
         Ok(Data::cpu(dx))
     }
 

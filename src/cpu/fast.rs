@@ -12,6 +12,7 @@ use std::mem::MaybeUninit;
 use std::sync::{Mutex, OnceLock};
 
 use super::{buffers, pool};
+use crate::dtype::DType;
 use crate::shape::View;
 
 /// Values one task handles at least; smaller splits cost more in scheduling than they save.
@@ -532,4 +533,19 @@ pub fn relu_grad(dy: &[f32], y: &[f32]) -> Vec<f32> {
     // every slot of its chunk (dy and y have n values).
     unsafe { out.set_len(n) };
     out
+}
+
+/// Rounds `v` in place to `dtype` (a half type's outputs on the CPU path), in parallel.
+pub fn round_to(dtype: DType, v: &mut [f32]) {
+    if dtype == DType::F32 {
+        return;
+    }
+    let per_task = (v.len() / (pool::threads().max(1) * 4)).max(TASK_ELEMS);
+    let chunks: Vec<Mutex<&mut [f32]>> = v.chunks_mut(per_task).map(Mutex::new).collect();
+    pool::for_each(chunks.len(), |t| {
+        let mut chunk = chunks[t].lock().expect("not poisoned");
+        for x in chunk.iter_mut() {
+            *x = dtype.round(*x);
+        }
+    });
 }
