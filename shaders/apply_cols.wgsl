@@ -11,11 +11,13 @@
 @group(0) @binding(5) var<storage, read_write> y: array<S>;
 @group(0) @binding(6) var<storage, read> z: array<S>;        // the residual, read with FLAG_RESIDUAL
 
-// The epilogue of the unit at i: + z, then the ReLU, as the flags ask.
+// The epilogue of the unit at i: + z, then the ReLU, as the flags ask. The normalized
+// value is rounded to the storage type before the add (a no-op for f32), as PyTorch's
+// relu(bn(x) + z) on half tensors rounds bn's output before adding.
 fn finish(v: V, i: u32) -> V {
     var r = v;
     if (has(FLAG_RESIDUAL)) {
-        r += load_unit(z[i]);
+        r = round_unit(r) + load_unit(z[i]);
     }
     if (has(FLAG_RELU)) {
         r = relu_v(r);

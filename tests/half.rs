@@ -431,3 +431,166 @@ fn a_gpu_refuses_half_rows_of_odd_length_and_the_cpu_path_takes_them() {
         }
     });
 }
+
+/// One case of tests/fixtures/half.json (written by tests/fixtures/gen_half.py from PyTorch).
+struct Golden {
+    name: String,
+    dtype: DType,
+    dims: Vec<usize>,
+    layout: Layout,
+    v: serde_json::Value,
+}
+
+impl Golden {
+    fn floats(&self, path: &[&str]) -> Vec<f32> {
+        let mut at = &self.v;
+        for key in path {
+            at = &at[*key];
+        }
+        at.as_array()
+            .unwrap_or_else(|| panic!("{}: no {path:?}", self.name))
+            .iter()
+            .map(|x| x.as_f64().expect("a number") as f32)
+            .collect()
+    }
+}
+
+fn goldens() -> Vec<Golden> {
+    let text = include_str!("fixtures/half.json");
+    let all: Vec<serde_json::Value> = serde_json::from_str(text).expect("half.json parses");
+    all.into_iter()
+        .map(|v| Golden {
+            name: v["name"].as_str().unwrap().to_string(),
+            dtype: match v["dtype"].as_str().unwrap() {
+                "float16" => DType::F16,
+                "bfloat16" => DType::BF16,
+                d => panic!("dtype {d}"),
+            },
+            dims: v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect(),
+            layout: if v["channels_last"].as_bool().unwrap() {
+                Layout::ChannelsLast
+            } else {
+                Layout::ChannelsFirst
+            },
+            v,
+        })
+        .collect()
+}
+
+/// (atol, rtol) against PyTorch for a value stored in `dtype`: both sides round an f32
+/// result once (PyTorch's CPU kernels compute the mixed type in float), and their f32
+/// results differ in summation order, so the stored values may sit one ulp apart where
+/// the f32 results straddle a rounding point: one ulp (2^-10 float16, 2^-7 bfloat16), and
+/// 1e-4 absolute for dx near 0, a difference of f32 terms of size ~1.
+fn torch_tol(dtype: DType) -> (f64, f64) {
+    let ulp = if dtype == DType::F16 {
+        1.0 / 1024.0
+    } else {
+        1.0 / 128.0
+    };
+    (1e-4, ulp + 4e-6)
+}
+
+#[test]
+fn half_storage_matches_pytorch() {
+    for g in goldens() {
+        let (dims, layout, dtype) = (&g.dims[..], g.layout, g.dtype);
+        let c = dims[1];
+        on_every_backend("half_storage_matches_pytorch", |ctx| {
+            let what = |k: &str| format!("{} on {}: {k}", g.name, ctx.name());
+            let t = |k: &str| half_tensor(ctx, &g.floats(&[k]), dims, layout, dtype);
+            let p = |k: &str| {
+                ctx.tensor_from_slice(&g.floats(&["init", k]), &[c])
+                    .unwrap()
+            };
+            let (x, dy, z) = (t("x"), t("dy"), t("z"));
+            let (w, b) = (p("weight"), p("bias"));
+            let (mut rm, mut rv) = (p("running_mean"), p("running_var"));
+            let half = |name: &str, got: &Tensor, path: &[&str]| {
+                let (atol, rtol) = torch_tol(dtype);
+                let want = widen(&g.floats(path));
+                assert_close(&what(name), &got.to_vec().unwrap(), &want, atol, rtol);
+            };
+            let single = |name: &str, got: &Tensor, path: &[&str]| {
+                let want = widen(&g.floats(path));
+                assert_close(&what(name), &got.to_vec().unwrap(), &want, 1e-5, 1e-4);
+            };
+            let f = ops::batch_norm(
+                &x,
+                Some(&mut rm),
+                Some(&mut rv),
+                Some(&w),
+                Some(&b),
+                true,
+                0.1,
+                1e-5,
+            )
+            .unwrap();
+            half("y", &f.y, &["train", "y"]);
+            let gr = ops::batch_norm_backward(&dy, &x, &f.saved, Some(&w), GradMask::ALL).unwrap();
+            half("dx", gr.dx.as_ref().unwrap(), &["train", "dx"]);
+            single(
+                "dweight",
+                gr.dweight.as_ref().unwrap(),
+                &["train", "dweight"],
+            );
+            single("dbias", gr.dbias.as_ref().unwrap(), &["train", "dbias"]);
+            single("running mean", &rm, &["train", "running_mean"]);
+            single("running var", &rv, &["train", "running_var"]);
+            let e = ops::batch_norm(
+                &x,
+                Some(&mut rm),
+                Some(&mut rv),
+                Some(&w),
+                Some(&b),
+                false,
+                0.1,
+                1e-5,
+            )
+            .unwrap();
+            half("eval y", &e.y, &["eval_y"]);
+            // relu(bn(x) + z) from the initial running statistics.
+            let (mut rm, mut rv) = (p("running_mean"), p("running_var"));
+            let f = ops::batch_norm_relu(
+                &x,
+                Some(&z),
+                Some(&mut rm),
+                Some(&mut rv),
+                Some(&w),
+                Some(&b),
+                true,
+                0.1,
+                1e-5,
+            )
+            .unwrap();
+            half("fused y", &f.y, &["fused", "y"]);
+            let gr = ops::batch_norm_relu_backward(
+                &dy,
+                &f.y,
+                &x,
+                &f.saved,
+                Some(&w),
+                true,
+                GradMask::ALL,
+            )
+            .unwrap();
+            half("fused dx", gr.dx.as_ref().unwrap(), &["fused", "dx"]);
+            half("fused dz", gr.dz.as_ref().unwrap(), &["fused", "dz"]);
+            single(
+                "fused dweight",
+                gr.dweight.as_ref().unwrap(),
+                &["fused", "dweight"],
+            );
+            single(
+                "fused dbias",
+                gr.dbias.as_ref().unwrap(),
+                &["fused", "dbias"],
+            );
+        });
+    }
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::fast;
 use crate::backend::{Backend, Batch, Epilogue, EpilogueGrad, Grads, Reduced, Running, Summaries};
 use crate::context::{Data, Tensor};
+use crate::dtype::DType;
 use crate::error::Result;
 
 /// The CPU backend (stateless: the data lives in the tensors).
@@ -204,10 +205,24 @@ impl Backend for CpuBackend {
             }
         };
         let z = epi.residual.map(host);
-        let mut y =
-            fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, x.shape().view());
+        let view = x.shape().view();
+        let dtype = x.dtype();
+        if let (Some(z), true) = (z, dtype != DType::F32) {
+            // Half storage with a residual: bn(x) rounded to the storage type before the
+            // add, as PyTorch's relu(bn(x) + z) on half tensors (and as the GPU kernels do),
+            // then the sum rounded.
+            let mut y = fast::affine_centered(host(x), &mean, &scale, shift, None, false, view);
+            fast::round_to(dtype, &mut y);
+            for (v, &zv) in y.iter_mut().zip(z) {
+                let s = *v + zv;
+                *v = if epi.relu && s < 0.0 { 0.0 } else { s };
+            }
+            fast::round_to(dtype, &mut y);
+            return Ok(Data::cpu(y));
+        }
+        let mut y = fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, view);
         // A half x gets y rounded to its type once, from the f32 result (as a GPU stores it).
-        fast::round_to(x.dtype(), &mut y);
+        fast::round_to(dtype, &mut y);
         Ok(Data::cpu(y))
     }
 

@@ -233,7 +233,8 @@ pub(crate) fn compose(
     )
 }
 
-/// The storage element `S` of a data binding and its `load_unit` / `store_unit` to and from a unit `V`:
+/// The storage element `S` of a data binding, its `load_unit` / `store_unit` to and from a
+/// unit `V`, and `round_unit` (a unit rounded to the storage type):
 /// the unit itself for f32; for the half types one 32-bit word per pair unit (vec2) and two
 /// per vec4 unit, through storage_half.wgsl's conversions.
 fn storage_glue(dtype: DType, vec4: bool) -> String {
@@ -241,17 +242,17 @@ fn storage_glue(dtype: DType, vec4: bool) -> String {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
         _ => {
-            return "alias S = V;\nfn load_unit(w: S) -> V { return w; }\nfn store_unit(v: V) -> S { return v; }\n"
+            return "alias S = V;\nfn load_unit(w: S) -> V { return w; }\nfn store_unit(v: V) -> S { return v; }\nfn round_unit(v: V) -> V { return v; }\n"
                 .into()
         }
     };
     if vec4 {
         format!(
-            "{STORAGE_HALF}\nalias S = vec2<u32>;\nfn load_unit(w: S) -> V {{ return vec4<f32>({prefix}_ld2(w.x), {prefix}_ld2(w.y)); }}\nfn store_unit(v: V) -> S {{ return vec2<u32>({prefix}_st2(v.xy), {prefix}_st2(v.zw)); }}\n"
+            "{STORAGE_HALF}\nalias S = vec2<u32>;\nfn load_unit(w: S) -> V {{ return vec4<f32>({prefix}_ld2(w.x), {prefix}_ld2(w.y)); }}\nfn store_unit(v: V) -> S {{ return vec2<u32>({prefix}_st2(v.xy), {prefix}_st2(v.zw)); }}\nfn round_unit(v: V) -> V {{ return load_unit(store_unit(v)); }}\n"
         )
     } else {
         format!(
-            "{STORAGE_HALF}\nalias S = u32;\nfn load_unit(w: S) -> V {{ return {prefix}_ld2(w); }}\nfn store_unit(v: V) -> S {{ return {prefix}_st2(v); }}\n"
+            "{STORAGE_HALF}\nalias S = u32;\nfn load_unit(w: S) -> V {{ return {prefix}_ld2(w); }}\nfn store_unit(v: V) -> S {{ return {prefix}_st2(v); }}\nfn round_unit(v: V) -> V {{ return load_unit(store_unit(v)); }}\n"
         )
     }
 }
