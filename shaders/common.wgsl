@@ -155,6 +155,18 @@ fn variance_of(sd: f32) -> f32 {
     return sd * sd;
 }
 
+// The running variance's update, m·(var·bessel) + (1 − m)·running, where var = sd². Past
+// sd ≈ 1.8e19 the variance itself overflows f32 although m·var·bessel may not (PyTorch
+// updates in double on the CPU and gets the finite value): then the product is taken as
+// (m·sd)·(sd·bessel).
+fn running_var_update(sd: f32, running: f32) -> f32 {
+    var batch = p.momentum * (variance_of(sd) * p.bessel);
+    if (!finite(batch) && finite(sd)) {
+        batch = (p.momentum * sd) * (sd * p.bessel);
+    }
+    return batch + (1.0 - p.momentum) * running;
+}
+
 fn invstd_of(sd: f32, eps: f32) -> f32 {
     let v = sd * sd;
     if (finite(v)) {

@@ -81,7 +81,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         if (has(FLAG_UPDATE_RUNNING)) {
             running_mean[pos.c] = p.momentum * mean + (1.0 - p.momentum) * running_mean[pos.c];
-            running_var[pos.c] = p.momentum * (variance_of(r.w) * p.bessel) + (1.0 - p.momentum) * running_var[pos.c];
+            running_var[pos.c] = running_var_update(r.w, running_var[pos.c]);
         }
     }
     var gamma = 1.0;

@@ -63,6 +63,6 @@ fn finish(c: u32, r: vec4<f32>) {
     }
     if (has(FLAG_UPDATE_RUNNING)) {
         running_mean[c] = p.momentum * mean + (1.0 - p.momentum) * running_mean[c];
-        running_var[c] = p.momentum * (variance_of(r.w) * p.bessel) + (1.0 - p.momentum) * running_var[c];
+        running_var[c] = running_var_update(r.w, running_var[c]);
     }
 }

@@ -893,6 +893,22 @@ fn spreads_near_the_f32_limit_keep_finite_statistics() {
     });
 }
 
+/// std 3e19: the batch variance (about 9e38) is past f32's range, but the running variance
+/// m·var·n/(n − 1) + (1 − m)·running (about 9e37) is not, and PyTorch's CPU kernel, which
+/// updates in double, stores it. The GPU's finalize used to compute var first and store
+/// +Inf; the saved invstd is 1/σ (tiny, finite) as before.
+#[test]
+fn a_batch_variance_past_f32_still_updates_the_running_variance() {
+    on_every_backend("batch_variance_past_f32", |ctx| {
+        for (dims, layout) in [
+            (vec![64usize, 3], Layout::ChannelsFirst),
+            (vec![4, 2, 16, 16], Layout::ChannelsFirst),
+        ] {
+            check_huge(ctx, &dims, layout, 0.0, 3e19, 99);
+        }
+    });
+}
+
 /// A +Inf in a channel: its mean and running mean are +Inf and its variance NaN, as in
 /// PyTorch's CPU kernel (a sum); the other channels are untouched. With the +Inf as the
 /// channel's first value (the shift of the shifted sums) and elsewhere, in one tile and in
