@@ -594,3 +594,67 @@ fn half_storage_matches_pytorch() {
         });
     }
 }
+
+#[test]
+fn sync_batch_norm_over_half_parts_matches_one_layer_on_the_whole_batch() {
+    use std::sync::Arc;
+    use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Communicator, LocalComm, SyncBatchNorm};
+    let (dims, parts) = ([6usize, 4, 6, 6], [2usize, 4]);
+    let n: usize = dims.iter().product();
+    let per = n / dims[0];
+    for dtype in [DType::F16, DType::BF16] {
+        let xs = round(&normal(n, 31, 0.5, 2.0), dtype);
+        let dys = round(&normal(n, 32, 0.0, 1.0), dtype);
+        for ctx in common::backends() {
+            let _gl = (ctx.backend_kind() == "gl").then(common::gl_lock);
+            let whole = |v: &[f32]| half_tensor(ctx, v, &dims, Layout::ChannelsFirst, dtype);
+            let mut bn = BatchNorm::new(ctx, BatchNormConfig::new(4)).unwrap();
+            let (x, dy) = (whole(&xs), whole(&dys));
+            let f = bn.forward_train(&x).unwrap();
+            let g = bn.backward(&dy, &x, &f.saved).unwrap();
+            let (want_y, want_dx) = (f.y.to_vec().unwrap(), g.dx.unwrap().to_vec().unwrap());
+            let comms = LocalComm::group(2).unwrap();
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let (ctx, xs, dys) = (ctx.clone(), xs.clone(), dys.clone());
+                    std::thread::spawn(move || {
+                        let rank = comm.rank();
+                        let start = parts[..rank].iter().sum::<usize>() * per;
+                        let len = parts[rank] * per;
+                        let pdims = [parts[rank], 4, 6, 6];
+                        let t = |v: &[f32]| {
+                            half_tensor(
+                                &ctx,
+                                &v[start..start + len],
+                                &pdims,
+                                Layout::ChannelsFirst,
+                                dtype,
+                            )
+                        };
+                        let mut bn =
+                            SyncBatchNorm::new(&ctx, BatchNormConfig::new(4), Arc::new(comm))
+                                .unwrap();
+                        let (x, dy) = (t(&xs), t(&dys));
+                        let f = bn.forward_train(&x).unwrap();
+                        assert_eq!(f.y.dtype(), dtype);
+                        let g = bn.backward(&dy, &x, &f.saved).unwrap();
+                        (
+                            start,
+                            f.y.to_vec().unwrap(),
+                            g.dx.unwrap().to_vec().unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            for h in handles {
+                let (start, y, dx) = h.join().expect("a rank panicked");
+                let what = |k: &str| format!("SyncBatchNorm {dtype} on {}: {k}", ctx.name());
+                let (atol, rtol) = torch_tol(dtype);
+                let part = |v: &[f32]| widen(&v[start..start + y.len()]);
+                assert_close(&what("y"), &y, &part(&want_y), atol, rtol);
+                assert_close(&what("dx"), &dx, &part(&want_dx), atol, rtol);
+            }
+        }
+    }
+}
