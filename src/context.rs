@@ -408,18 +408,32 @@ impl Context {
         dims: &[usize],
         layout: Layout,
     ) -> Result<Tensor> {
+        self.tensor_from_buffer_typed(buffer, offset, dims, layout, DType::F32)
+    }
+
+    /// [`tensor_from_buffer`](Self::tensor_from_buffer) over values of `dtype`: for the
+    /// half types a native little-endian half array (two values per 32-bit word, the last
+    /// word's upper half unused when the count is odd); the buffer must hold whole words.
+    pub fn tensor_from_buffer_typed(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        dims: &[usize],
+        layout: Layout,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let shape = Shape::with_layout(dims, layout)?;
         let Backend::Gpu(g) = &self.inner.backend else {
             return Err(Error::InvalidBuffer {
                 reason: "the CPU context holds its tensors in host memory".into(),
             });
         };
-        g.check_external(buffer, offset, (shape.numel() * 4) as u64)?;
+        g.check_external(buffer, offset, (dtype.words(shape.numel()) * 4) as u64)?;
         Ok(Tensor {
             ctx: self.clone(),
             shape,
             data: Data::Gpu(Arc::new(GpuBuffer::external(buffer.clone(), offset))),
-            dtype: DType::F32,
+            dtype,
         })
     }
 

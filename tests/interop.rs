@@ -293,3 +293,55 @@ fn recorded_work_does_not_reuse_its_buffers_before_the_callers_submission() {
         }
     });
 }
+
+#[test]
+fn half_tensors_over_caller_buffers_read_native_half_arrays() {
+    use wgpu_batchnorm::half::f16;
+    use wgpu_batchnorm::DType;
+    on_every_backend("half_tensors_over_caller_buffers", |ctx| {
+        let Some((device, queue)) = gpu(ctx) else {
+            return;
+        };
+        let align = device.limits().min_storage_buffer_offset_alignment as u64;
+        let dims = [4, 6, 5, 2];
+        let n = 4 * 6 * 10;
+        let xs: Vec<f16> = normal(n, 5, 0.5, 2.0)
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
+        let bits: Vec<u16> = xs.iter().map(|v| v.to_bits()).collect();
+        let b = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("caller's half array"),
+            size: align + (n * 2) as u64,
+            usage: storage() | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        queue.write_buffer(&b, align, bytemuck::cast_slice(&bits));
+        let x = ctx
+            .tensor_from_buffer_typed(&b, align, &dims, Layout::ChannelsFirst, DType::F16)
+            .unwrap();
+        assert_eq!(x.dtype(), DType::F16);
+        let back: Vec<u16> = x
+            .to_half_vec::<f16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        assert_eq!(back, bits, "{}", ctx.name());
+        let uploaded = ctx
+            .tensor_from_half(&xs, &dims, Layout::ChannelsFirst)
+            .unwrap();
+        let ya = ops::batch_norm(&x, None, None, None, None, true, 0.1, 1e-5)
+            .unwrap()
+            .y;
+        let yb = ops::batch_norm(&uploaded, None, None, None, None, true, 0.1, 1e-5)
+            .unwrap()
+            .y;
+        assert_eq!(ya.to_vec().unwrap(), yb.to_vec().unwrap(), "{}", ctx.name());
+        // Too small a buffer for the half values: a typed error.
+        let e = ctx
+            .tensor_from_buffer_typed(&b, align, &[4, 6, 5, 3], Layout::ChannelsFirst, DType::F16)
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidBuffer { .. }), "{e}");
+    });
+}
