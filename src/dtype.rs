@@ -54,25 +54,11 @@ impl DType {
     /// shaders/storage_half.wgsl, which the `half` crate's conversions check in the tests.
     #[inline]
     pub(crate) fn round(self, v: f32) -> f32 {
-        let b = v.to_bits();
-        let a = b & 0x7fff_ffff;
-        if self == DType::F32 || a > 0x7f80_0000 {
-            return v;
+        match self {
+            DType::F32 => v,
+            DType::F16 => round_f16(v),
+            DType::BF16 => round_bf16(v),
         }
-        if self == DType::BF16 {
-            return f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
-        }
-        let sign = b & 0x8000_0000;
-        if a >= 0x477f_f000 {
-            return f32::from_bits(sign | 0x7f80_0000);
-        }
-        if a >= 0x3880_0000 {
-            // A normal f16: round the f32 mantissa at bit 13.
-            return f32::from_bits(sign | ((a + 0xfff + ((a >> 13) & 1)) & !0x1fff));
-        }
-        // Subnormal f16 or zero: the nearest multiple of 2^-24.
-        let m = (f32::from_bits(a) * 16_777_216.0).round_ties_even();
-        f32::from_bits(sign | (m * 5.960_464_5e-8).to_bits())
     }
 
     /// The 16-bit pattern of `v` (already of this half type) in this type.
@@ -90,6 +76,33 @@ impl DType {
             _ => half::bf16::from_bits(b).to_f32(),
         }
     }
+}
+
+/// `v` rounded to the nearest f16 value, as an f32. Branch-free, so that the CPU path's
+/// rounding loop vectorizes: every case is computed and the right one selected.
+#[inline]
+pub(crate) fn round_f16(v: f32) -> f32 {
+    let b = v.to_bits();
+    let a = b & 0x7fff_ffff;
+    let sign = b ^ a;
+    // A normal f16 (from 2^-14): round the f32 mantissa at bit 13, ties to even.
+    let normal = (a.wrapping_add(0xfff + ((a >> 13) & 1))) & !0x1fff;
+    // Below 2^-14, a multiple of 2^-24: adding 0.5 (whose ulp is 2^-24) rounds to it,
+    // ties to even, in the FPU's own rounding; subtracting 0.5 back is exact.
+    let sub = ((f32::from_bits(a) + 0.5) - 0.5).to_bits();
+    let mut r = if a >= 0x3880_0000 { normal } else { sub };
+    r = if a >= 0x477f_f000 { 0x7f80_0000 } else { r }; // from 65520 up: Inf
+    r = if a > 0x7f80_0000 { a } else { r }; // NaN stays
+    f32::from_bits(sign | r)
+}
+
+/// `v` rounded to the nearest bf16 value (the upper half of its bits), as an f32.
+#[inline]
+pub(crate) fn round_bf16(v: f32) -> f32 {
+    let b = v.to_bits();
+    let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    f32::from_bits(if nan { b } else { r })
 }
 
 impl fmt::Display for DType {
