@@ -51,9 +51,10 @@ impl DType {
 
     /// `v` rounded to the nearest value of this type (ties to even; past the largest
     /// finite value ±Inf; NaN stays NaN), as an f32: the bit arithmetic of
-    /// shaders/storage_half.wgsl, which the `half` crate's conversions check in the tests.
-    #[inline]
-    pub(crate) fn round(self, v: f32) -> f32 {
+    /// shaders/storage_half.wgsl (`round_f16`, `round_bf16`, which the CPU path's rounding
+    /// loop calls directly), checked against the `half` crate's conversions below.
+    #[cfg(test)]
+    fn round(self, v: f32) -> f32 {
         match self {
             DType::F32 => v,
             DType::F16 => round_f16(v),
