@@ -7,6 +7,7 @@
 @group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>; // (mean, invstd)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> y: array<S>; // the fused forward's output, read with FLAG_RELU
+@group(0) @binding(6) var<storage, read_write> dz: array<S>; // the masked dy, written with FLAG_DZ
 
 var<workgroup> sh_dy: array<V, WG>;
 var<workgroup> sh_dyx: array<V, WG>;
@@ -28,7 +29,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var l = 0u; l < VW; l++) {
             set_lane(&mu, l, stats[(pos.q * VW + l) / p.inner].x);
         }
-        if (FUSED) {
+        if (FUSED && has(FLAG_DZ)) {
+            // The residual's gradient, written where dy and y are read (bwd_partials.wgsl).
+            for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+                let i = p.base + o * p.total + pos.q;
+                let gv = relu_grad(load_unit(dy[i]), load_unit(y[i]));
+                dz[i] = store_unit(gv);
+                sdy += gv;
+                sdyx += gv * (load_unit(x[i]) - mu);
+            }
+        } else if (FUSED) {
             for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
                 let i = p.base + o * p.total + pos.q;
                 let gv = relu_grad(load_unit(dy[i]), load_unit(y[i]));

@@ -151,7 +151,8 @@ impl GpuContext {
     }
 
     /// The backward partials of (x, dy) into a scratch buffer; dy masked by
-    /// `relu_y` > 0 where given.
+    /// `relu_y` > 0 where given, and the masked dy written to `dz` where given.
+    #[allow(clippy::too_many_arguments)]
     fn bwd_partials(
         &self,
         batch: &mut Batch,
@@ -160,6 +161,7 @@ impl GpuContext {
         x: &Tensor,
         saved: &Data,
         relu_y: Option<&Tensor>,
+        dz: Option<&Arc<GpuBuffer>>,
     ) -> Result<Arc<GpuBuffer>> {
         let [partials] = self.buffers([plan.partials_len()])?;
         let family = plan.pick(Family::BwdPartials, Family::BwdPartialsCols);
@@ -172,12 +174,20 @@ impl GpuContext {
                 }
                 None => (&self.dummy_read).into(),
             };
+            let dz = match dz {
+                Some(dz) => {
+                    params.flags |= FLAG_DZ;
+                    plan.part(dz, &chunk)
+                }
+                None => (&self.dummy_write).into(),
+            };
             let binds = vec![
                 plan.part(buffer(x), &chunk),
                 plan.part(buffer(dy), &chunk),
                 data_buffer(saved).into(),
                 (&partials).into(),
                 y,
+                dz,
             ];
             self.launch(batch, family, plan.units(), params, binds);
         }
@@ -595,7 +605,7 @@ impl Backend for GpuContext {
             self.fill_zero(&dw, c);
             self.fill_zero(&db, c);
         } else {
-            let partials = self.bwd_partials(batch, &plan, dy, x, saved, None)?;
+            let partials = self.bwd_partials(batch, &plan, dy, x, saved, None, None)?;
             let mut flags = FLAG_SUMS;
             if dweight {
                 flags |= FLAG_DWEIGHT;
@@ -742,8 +752,10 @@ impl Backend for GpuContext {
                 binds,
             );
         } else if reduce || run_dx {
+            // With a reduction, dz is written by its first pass (see bwd_partials.wgsl).
+            let dz_first = (reduce && epi.dz).then_some(&dz);
             let partials: Bind = if reduce {
-                (&self.bwd_partials(batch, &plan, dy, x, saved, epi.relu_y)?).into()
+                (&self.bwd_partials(batch, &plan, dy, x, saved, epi.relu_y, dz_first)?).into()
             } else {
                 (&self.dummy_read).into()
             };
@@ -778,8 +790,15 @@ impl Backend for GpuContext {
                 binds,
             );
             if run_dx {
-                let dz = epi.dz.then_some(&dz);
-                self.bwd_dx(batch, &plan, dy, x, &coef, &dx, training, epi.relu_y, dz);
+                if dz_first.is_some() {
+                    // dx from the masked dy that the first pass wrote: x and dz read, no y.
+                    let g =
+                        Tensor::typed(x.context(), x.shape().clone(), gpu(dz.clone()), x.dtype());
+                    self.bwd_dx(batch, &plan, &g, x, &coef, &dx, training, None, None);
+                } else {
+                    let dz = epi.dz.then_some(&dz);
+                    self.bwd_dx(batch, &plan, dy, x, &coef, &dx, training, epi.relu_y, dz);
+                }
             }
         }
         Ok(Grads {
