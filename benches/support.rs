@@ -94,8 +94,8 @@ impl Op {
     /// Minimal traffic per element: train forward reads x twice and writes y; inference
     /// reads x and writes y; backward reads x and dy twice and writes dx. The fused forward
     /// also reads z (16); the unfused one adds a pass reading y and z and writing the
-    /// result (24); the fused backward reads y with dy in its first pass and writes dz there, and its dx
-    /// pass reads dz instead of dy (28).
+    /// result (24); the fused backward reads y with dy in its first pass and writes dz
+    /// there, and its dx pass reads dz instead of dy (28).
     pub fn bytes_per_element(self) -> usize {
         match self {
             Op::TrainFwd => 12,
