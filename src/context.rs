@@ -597,6 +597,15 @@ impl Tensor {
                 got: T::DTYPE,
             });
         }
+        if let Data::Gpu(_) = &self.data {
+            // The stored words themselves: bit for bit what was uploaded or computed.
+            let words = match (&self.data, self.ctx.backend()) {
+                (Data::Gpu(b), Backend::Gpu(g)) => g.read(b, b.offset, self.words())?,
+                _ => unreachable!("GPU data in a GPU context"),
+            };
+            let bits = crate::dtype::unpack_words(bytemuck::cast_slice(&words), self.numel());
+            return Ok(bits.into_iter().map(T::from_bits).collect());
+        }
         let values = self.to_vec()?;
         Ok(values
             .iter()

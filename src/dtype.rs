@@ -64,17 +64,36 @@ impl DType {
 
     /// The 16-bit pattern of `v` (already of this half type) in this type.
     pub(crate) fn half_bits(self, v: f32) -> u16 {
+        if v.is_nan() {
+            // The NaN's own payload (the conversions below would quiet a signalling one),
+            // so that a half array reads back bit for bit on the CPU path too.
+            let b = v.to_bits();
+            let (bits, payload) = match self {
+                DType::F16 => (
+                    ((b >> 16) & 0x8000) as u16 | 0x7c00 | ((b >> 13) & 0x3ff) as u16,
+                    (b >> 13) & 0x3ff,
+                ),
+                _ => ((b >> 16) as u16, (b >> 16) & 0x7f),
+            };
+            // A payload only in bits the type drops would read as Inf: keep it a NaN.
+            return if payload == 0 { bits | 0x40 } else { bits };
+        }
         match self {
             DType::F16 => half::f16::from_f32(v).to_bits(),
             _ => half::bf16::from_f32(v).to_bits(),
         }
     }
 
-    /// The value of a 16-bit pattern of this half type.
+    /// The value of a 16-bit pattern of this half type (a NaN keeps its payload, signalling
+    /// or not, as the shaders' decode does).
     pub(crate) fn value_of_bits(self, b: u16) -> f32 {
+        let b32 = b as u32;
         match self {
+            DType::F16 if b & 0x7c00 == 0x7c00 && b & 0x3ff != 0 => {
+                f32::from_bits((b32 & 0x8000) << 16 | 0x7f80_0000 | (b32 & 0x3ff) << 13)
+            }
             DType::F16 => half::f16::from_bits(b).to_f32(),
-            _ => half::bf16::from_bits(b).to_f32(),
+            _ => f32::from_bits(b32 << 16),
         }
     }
 }

@@ -753,7 +753,8 @@ impl Backend for GpuContext {
             );
         } else if reduce || run_dx {
             // With a reduction, dz is written by its first pass (see bwd_partials.wgsl).
-            let dz_first = (reduce && epi.dz).then_some(&dz);
+            // (dz is the masked dy: the first pass writes it only where it masks.)
+            let dz_first = (reduce && epi.dz && epi.relu_y.is_some()).then_some(&dz);
             let partials: Bind = if reduce {
                 (&self.bwd_partials(batch, &plan, dy, x, saved, epi.relu_y, dz_first)?).into()
             } else {
