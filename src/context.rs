@@ -449,14 +449,7 @@ impl Context {
         dims: &[usize],
         layout: Layout,
     ) -> Result<Tensor> {
-        let shape = Shape::with_layout(dims, layout)?;
-        if data.len() != shape.numel() {
-            return Err(Error::DataLength {
-                shape: dims.to_vec(),
-                expected: shape.numel(),
-                got: data.len(),
-            });
-        }
+        let shape = shape_for(dims, layout, data.len())?;
         let data = match &self.inner.backend {
             Backend::Cpu => {
                 let mut v = crate::cpu::buffers::take(data.len());
@@ -482,14 +475,7 @@ impl Context {
         dims: &[usize],
         layout: Layout,
     ) -> Result<Tensor> {
-        let shape = Shape::with_layout(dims, layout)?;
-        if data.len() != shape.numel() {
-            return Err(Error::DataLength {
-                shape: dims.to_vec(),
-                expected: shape.numel(),
-                got: data.len(),
-            });
-        }
+        let shape = shape_for(dims, layout, data.len())?;
         let dtype = T::DTYPE;
         let data = match &self.inner.backend {
             Backend::Cpu => {
@@ -510,6 +496,19 @@ impl Context {
             dtype,
         })
     }
+}
+
+/// The shape of `dims` in `layout`, checked against the `len` values given for it.
+fn shape_for(dims: &[usize], layout: Layout, len: usize) -> Result<Shape> {
+    let shape = Shape::with_layout(dims, layout)?;
+    if len != shape.numel() {
+        return Err(Error::DataLength {
+            shape: dims.to_vec(),
+            expected: shape.numel(),
+            got: len,
+        });
+    }
+    Ok(shape)
 }
 
 /// Where a tensor's values are.

@@ -30,6 +30,10 @@ use crate::context::{Data, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
 
+/// The units of the kernels that touch no tensor data (finalize, running statistics) and of
+/// the f32-only one-pass kernels.
+const PER_CHANNEL: (bool, DType) = (false, DType::F32);
+
 fn buffer(t: &Tensor) -> &Arc<GpuBuffer> {
     match &t.data {
         Data::Gpu(b) => b,
@@ -364,13 +368,7 @@ impl Backend for GpuContext {
                     w.into(),
                     (&out).into(),
                 ];
-                self.launch(
-                    batch,
-                    Family::StatsFinalize,
-                    (false, DType::F32),
-                    params,
-                    binds,
-                );
+                self.launch(batch, Family::StatsFinalize, PER_CHANNEL, params, binds);
             }
         }
         Ok(Summaries::Gpu(out))
@@ -414,13 +412,7 @@ impl Backend for GpuContext {
             (&saved).into(),
             (&self.dummy_write).into(),
         ];
-        self.launch(
-            batch,
-            Family::StatsFinalize,
-            (false, DType::F32),
-            params,
-            binds,
-        );
+        self.launch(batch, Family::StatsFinalize, PER_CHANNEL, params, binds);
         Ok(gpu(saved))
     }
 
@@ -448,13 +440,7 @@ impl Backend for GpuContext {
                     (&saved).into(),
                     (&self.dummy_write).into(),
                 ];
-                self.launch(
-                    batch,
-                    Family::StatsFinalize,
-                    (false, DType::F32),
-                    params,
-                    binds,
-                );
+                self.launch(batch, Family::StatsFinalize, PER_CHANNEL, params, binds);
             }
         }
         Ok(gpu(saved))
@@ -502,13 +488,7 @@ impl Backend for GpuContext {
             (&saved).into(),
             plan.part(&y, &chunk),
         ];
-        self.launch(
-            batch,
-            Family::FwdOnePass,
-            (false, DType::F32),
-            params,
-            binds,
-        );
+        self.launch(batch, Family::FwdOnePass, PER_CHANNEL, params, binds);
         Ok((gpu(saved), gpu(y)))
     }
 
@@ -528,13 +508,7 @@ impl Backend for GpuContext {
             ..Params::default()
         };
         let binds = vec![bind(mean), bind(var), (&saved).into()];
-        self.launch(
-            batch,
-            Family::StatsRunning,
-            (false, DType::F32),
-            params,
-            binds,
-        );
+        self.launch(batch, Family::StatsRunning, PER_CHANNEL, params, binds);
         Ok(gpu(saved))
     }
 
@@ -624,7 +598,7 @@ impl Backend for GpuContext {
             self.launch(
                 batch,
                 Family::BwdFinalize,
-                (false, DType::F32),
+                PER_CHANNEL,
                 plan.finalize(true, flags),
                 binds,
             );
@@ -673,13 +647,7 @@ impl Backend for GpuContext {
             w.into(),
             (&coef).into(),
         ];
-        self.launch(
-            batch,
-            Family::BwdFinalize,
-            (false, DType::F32),
-            params,
-            binds,
-        );
+        self.launch(batch, Family::BwdFinalize, PER_CHANNEL, params, binds);
         self.bwd_dx(batch, &plan, dy, x, &coef, &dx, sums.is_some(), None, None);
         Ok(gpu(dx))
     }
@@ -744,13 +712,7 @@ impl Backend for GpuContext {
                     (&dx).into()
                 },
             ];
-            self.launch(
-                batch,
-                Family::BwdOnePass,
-                (false, DType::F32),
-                params,
-                binds,
-            );
+            self.launch(batch, Family::BwdOnePass, PER_CHANNEL, params, binds);
         } else if reduce || run_dx {
             // With a reduction, dz is written by its first pass (see bwd_partials.wgsl).
             // (dz is the masked dy: the first pass writes it only where it masks.)
@@ -783,13 +745,7 @@ impl Backend for GpuContext {
                 (&db).into(),
                 (&coef).into(),
             ];
-            self.launch(
-                batch,
-                Family::BwdFinalize,
-                (false, DType::F32),
-                params,
-                binds,
-            );
+            self.launch(batch, Family::BwdFinalize, PER_CHANNEL, params, binds);
             if run_dx {
                 if dz_first.is_some() {
                     // dx from the masked dy that the first pass wrote: x and dz read, no y.
