@@ -40,6 +40,10 @@ usage: bench_report [options]
   --half                also measure float16 and bfloat16 storage (rows \"<backend> f16\",
                         \"<backend> bf16\"); their \"vs plain\" column is the time over the
                         f32 row's, and their GB/s count 2-byte values
+  --native-f16          also measure every GPU adapter with SHADER_F16 with its float16
+                        storage the other way round: rows \"<backend> native f16\" where
+                        the default packs words (CPU adapters), \"<backend> packed f16\"
+                        where it is native (GPUs); implies --half
   --fused               also measure the fused add + ReLU (forward and backward) and the
                         unfused forward then add + ReLU pass; their \"vs plain\" column
                         is the time over the plain op's on the same backend
@@ -69,6 +73,7 @@ struct Args {
     chart: Option<String>,
     one_pass: bool,
     tree: bool,
+    native_f16: bool,
     fused: bool,
     half: bool,
     partitioning: Partitioning,
@@ -84,6 +89,7 @@ fn parse_args() -> Result<Args, String> {
         chart: None,
         one_pass: false,
         tree: false,
+        native_f16: false,
         fused: false,
         half: false,
         partitioning: Partitioning::Auto,
@@ -120,6 +126,10 @@ fn parse_args() -> Result<Args, String> {
             "--chart" => args.chart = Some(value()?),
             "--one-pass" => args.one_pass = true,
             "--tree" => args.tree = true,
+            "--native-f16" => {
+                args.native_f16 = true;
+                args.half = true;
+            }
             "--half" => args.half = true,
             "--partitioning" => {
                 args.partitioning = match value()?.as_str() {
@@ -194,6 +204,35 @@ fn main() {
             }
         }
     }
+    // The contexts of --native-f16, measured in f32 (for the vs-plain column) and f16 only.
+    let mut f16_only = Vec::new();
+    if args.native_f16 {
+        let defaults: Vec<(String, Option<bool>)> = ctxs
+            .iter()
+            .map(|(_, c)| (c.name(), c.tuning().and_then(|t| t.native_f16)))
+            .collect();
+        for native in [true, false] {
+            let tuning = base.native_f16(native);
+            for ctx in Context::all_gpus_tuned(ContextOptions::default(), tuning) {
+                match ctx {
+                    Ok(c)
+                        if c.tuning().and_then(|t| t.native_f16) == Some(native)
+                            && defaults.contains(&(c.name(), Some(!native))) =>
+                    {
+                        let label = format!(
+                            "{} {}",
+                            bench_name(&c),
+                            if native { "native" } else { "packed" }
+                        );
+                        f16_only.push(label.clone());
+                        ctxs.push((label, c));
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("skipping unusable adapter: {e}"),
+                }
+            }
+        }
+    }
     let ctxs: Vec<_> = ctxs
         .into_iter()
         .filter(|(_, c)| {
@@ -235,6 +274,9 @@ fn main() {
             let copy_ms = median_ms(|i| copier.time(i), 5, args.min_time);
             let copy_gbs = (numel * 8) as f64 / copy_ms / 1e6;
             for &dtype in dtypes {
+                if dtype == DType::BF16 && f16_only.contains(label) {
+                    continue;
+                }
                 let mut p = match prepare_typed(ctx, case, dtype) {
                     Ok(p) => p,
                     Err(e) => {

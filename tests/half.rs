@@ -18,7 +18,7 @@ mod common;
 use common::{assert_close, normal, on_every_backend, widen};
 use wgpu_batchnorm::half::{bf16, f16};
 use wgpu_batchnorm::{
-    ops, Context, ContextOptions, DType, Error, GradMask, HalfFloat, Layout, Tensor,
+    ops, Context, ContextOptions, DType, DeviceTuning, Error, GradMask, HalfFloat, Layout, Tensor,
 };
 
 /// (atol, rtol) for a value stored in `dtype`: half an ulp relative, and the f32 margins.
@@ -234,6 +234,47 @@ fn half_sums_do_not_overflow() {
                 n if stored_half(n) => half_tol(dtype),
                 "saved mean" | "running mean" => (0.2, 1e-4),
                 _ => (1e-4, 1e-4),
+            };
+            assert_close(&what, g, &widen(w), atol, rtol);
+        }
+    });
+}
+
+#[test]
+fn float16_subnormal_inputs_are_not_flushed() {
+    // Every x and dy a float16 subnormal (k · 2^-24, |k| < 1024). A kernel that flushed
+    // them to zero on load (WGSL lets a device flush subnormals; the native float16 path
+    // relies on the device's conversions) would see a constant channel: y = β, dx = 0.
+    let dtype = DType::F16;
+    let dims = [4, 3, 16, 16];
+    let n: usize = dims.iter().product();
+    let subnormals = |seed| -> Vec<f32> {
+        normal(n, seed, 0.0, 400.0)
+            .iter()
+            .map(|v| v.round().clamp(-1023.0, 1023.0) * 2f32.powi(-24))
+            .collect()
+    };
+    let (xs, dys) = (subnormals(11), subnormals(12));
+    assert!(xs
+        .iter()
+        .all(|&v| f16::from_f32(v).to_f32() == v && v.abs() < 6.1e-5));
+    let want = step(
+        &Context::cpu(),
+        &dims,
+        Layout::ChannelsFirst,
+        &xs,
+        &dys,
+        DType::F32,
+    );
+    on_every_backend("float16_subnormal_inputs_are_not_flushed", |ctx| {
+        let got = step(ctx, &dims, Layout::ChannelsFirst, &xs, &dys, dtype);
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            let what = format!("f16 subnormals on {}: {name}", ctx.name());
+            // The statistics are of size 1e-5 and below: held relative to that.
+            let (atol, rtol) = if stored_half(name) {
+                half_tol(dtype)
+            } else {
+                (1e-9, 1e-4)
             };
             assert_close(&what, g, &widen(w), atol, rtol);
         }
@@ -656,5 +697,35 @@ fn sync_batch_norm_over_half_parts_matches_one_layer_on_the_whole_batch() {
                 assert_close(&what("dx"), &dx, &part(&want_dx), atol, rtol);
             }
         }
+    }
+}
+
+#[test]
+fn native_float16_is_used_where_the_device_has_it_and_asked_for() {
+    let mut native = 0;
+    for on in [None, Some(true), Some(false)] {
+        let tuning = match on {
+            Some(on) => DeviceTuning::default().native_f16(on),
+            None => DeviceTuning::default(),
+        };
+        for ctx in Context::all_gpus_tuned(ContextOptions::default(), tuning)
+            .into_iter()
+            .flatten()
+        {
+            let info = ctx.adapter_info().expect("a GPU context has an adapter");
+            let (device, _) = ctx.wgpu().expect("a GPU context has a device");
+            let has = device.features().contains(wgpu::Features::SHADER_F16);
+            // The default: native on GPUs, packed on CPU adapters (measured slower there).
+            let want = has && on.unwrap_or(info.device_type != wgpu::DeviceType::Cpu);
+            let got = ctx.tuning().and_then(|t| t.native_f16);
+            assert_eq!(got, Some(want), "{} asked {on:?}", ctx.name());
+            if ctx.backend_kind() == "gl" {
+                assert_eq!(got, Some(false), "{}: GL has no SHADER_F16", ctx.name());
+            }
+            native += want as usize;
+        }
+    }
+    if std::env::var("WGPU_BATCHNORM_REQUIRE_BACKENDS").is_ok_and(|b| b.contains("vulkan")) {
+        assert!(native > 0, "no Vulkan context stored float16 natively");
     }
 }

@@ -12,6 +12,10 @@
 //! HLSL shader model 6.0, not GLSL (wgpu's GL backend has no subgroups) nor the older
 //! versions.
 //!
+//! The native float16 variants (`*_f16native_*`) are validated with naga's float16
+//! capability and translated where wgpu offers `Features::SHADER_F16`: SPIR-V (with 16-bit
+//! storage), MSL and HLSL shader model 6.2, not GLSL.
+//!
 //! Limits: this proves naga can translate the kernels, not that the platform compilers
 //! (Metal, FXC/DXC, the GL driver) accept the result, nor that the results are right.
 
@@ -75,11 +79,18 @@ struct Parsed {
     info: ModuleInfo,
     /// A subgroup variant: only for devices with `Features::SUBGROUP`.
     subgroups: bool,
+    /// A native float16 variant: only for devices with `Features::SHADER_F16`.
+    f16: bool,
 }
 
 /// Whether `name` is a variant with subgroup operations (`shader_sources` names them so).
 fn is_subgroup_variant(name: &str) -> bool {
     name.contains("_subgroup_")
+}
+
+/// Whether `name` is a variant that stores WGSL `f16` (`shader_sources` names them so).
+fn is_f16_variant(name: &str) -> bool {
+    name.contains("_f16native_")
 }
 
 /// Parses and validates every kernel; panics naming each kernel that fails either step.
@@ -97,12 +108,14 @@ fn parsed_sources() -> Vec<Parsed> {
                 continue;
             }
         };
-        let subgroups = is_subgroup_variant(&name);
-        let caps = if subgroups {
-            Capabilities::default() | Capabilities::SUBGROUP
-        } else {
-            Capabilities::default()
-        };
+        let (subgroups, f16) = (is_subgroup_variant(&name), is_f16_variant(&name));
+        let mut caps = Capabilities::default();
+        if subgroups {
+            caps |= Capabilities::SUBGROUP;
+        }
+        if f16 {
+            caps |= Capabilities::SHADER_FLOAT16;
+        }
         let mut validator = Validator::new(ValidationFlags::all(), caps);
         if subgroups {
             validator.subgroup_stages(naga::valid::ShaderStages::COMPUTE);
@@ -114,6 +127,7 @@ fn parsed_sources() -> Vec<Parsed> {
                 module,
                 info,
                 subgroups,
+                f16,
             }),
             Err(e) => failures.push(format!(
                 "kernel {name}: WGSL validation failed:\n{}",
@@ -125,12 +139,17 @@ fn parsed_sources() -> Vec<Parsed> {
     out
 }
 
-/// Runs `translate` on every kernel (but the subgroup variants where `subgroups` is false)
-/// and panics listing every (kernel, target) that failed.
-fn translate_all(target: &str, subgroups: bool, translate: impl Fn(&Parsed) -> Result<(), String>) {
+/// Runs `translate` on every kernel (but the subgroup and native float16 variants where
+/// `optional_features` is false: the target's wgpu backend has neither) and panics listing
+/// every (kernel, target) that failed.
+fn translate_all(
+    target: &str,
+    optional_features: bool,
+    translate: impl Fn(&Parsed) -> Result<(), String>,
+) {
     let failures: Vec<String> = parsed_sources()
         .iter()
-        .filter(|p| subgroups || !p.subgroups)
+        .filter(|p| optional_features || !p.subgroups && !p.f16)
         .filter_map(|p| {
             translate(p)
                 .err()
@@ -277,7 +296,10 @@ fn translates_to_hlsl() {
     translate_all("HLSL", true, |p| {
         // 5.1 is FXC's (wgpu's fallback compiler); 6.0 is DXC's minimum (and wave
         // intrinsics', which the subgroup variants need).
-        let models: &[hlsl::ShaderModel] = if p.subgroups {
+        // 6.2 for 16-bit types (native float16).
+        let models: &[hlsl::ShaderModel] = if p.f16 {
+            &[hlsl::ShaderModel::V6_2]
+        } else if p.subgroups {
             &[hlsl::ShaderModel::V6_0]
         } else {
             &[hlsl::ShaderModel::V5_1, hlsl::ShaderModel::V6_0]
@@ -368,6 +390,29 @@ fn reducing_kernels_have_subgroup_variants() {
         assert!(
             !source.contains("enable subgroups"),
             "kernel {name}: naga 30 rejects `enable subgroups;`"
+        );
+    }
+}
+
+#[test]
+fn float16_kernels_have_native_variants() {
+    let names: Vec<String> = shader_sources().into_iter().map(|(n, _)| n).collect();
+    for kernel in [
+        "apply",
+        "stats_partials_cols",
+        "bwd_dx_fused",
+        "bwd_partials",
+    ] {
+        for units in ["pair", "quad"] {
+            let want = format!("{kernel}_f16native_{units}");
+            assert!(names.contains(&want), "no {want} in {names:?}");
+        }
+    }
+    for (name, source) in shader_sources() {
+        assert_eq!(
+            is_f16_variant(&name),
+            source.starts_with("enable f16;"),
+            "kernel {name}: the name and the source disagree on native float16"
         );
     }
 }

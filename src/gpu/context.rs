@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use super::kernels::{subgroups_usable, Kernels};
+use super::kernels::{subgroups_usable, Family, Kernels};
 use super::plan::{Partitioning, Plan};
 use super::pool::{size_class, BufferPool, GpuBuffer, MemoryStats};
 use super::timer::KernelTimer;
@@ -50,6 +50,14 @@ pub struct DeviceTuning {
     /// feature itself; one wrapping the caller's device uses it where the device has it.
     /// [`Context::tuning`](crate::Context::tuning) reports what the context uses.
     pub subgroups: Option<bool>,
+    /// Store float16 tensors as WGSL's own `f16` (`enable f16`: the device's conversion
+    /// instructions) rather than two per 32-bit word converted in integer arithmetic
+    /// (which every device runs, GL included). None (the default): where the device has
+    /// `Features::SHADER_F16` and is not a CPU (on lavapipe the native kernels measured
+    /// 0.74–0.90× the speed of the packed ones, benches/NOTES.md); `Some(true)`: wherever
+    /// the device has the feature; `Some(false)`: never. The bytes are the same either way.
+    /// [`Context::tuning`](crate::Context::tuning) reports what the context uses.
+    pub native_f16: Option<bool>,
 }
 
 impl DeviceTuning {
@@ -75,6 +83,13 @@ impl DeviceTuning {
     /// [`subgroups`](Self::subgroups)).
     pub fn subgroups(mut self, on: bool) -> Self {
         self.subgroups = Some(on);
+        self
+    }
+
+    /// Switches native float16 storage on (where the device has it) or off (see
+    /// [`native_f16`](Self::native_f16)).
+    pub fn native_f16(mut self, on: bool) -> Self {
+        self.native_f16 = Some(on);
         self
     }
 
@@ -183,6 +198,13 @@ impl GpuContext {
                     adapter.features() & wgpu::Features::SUBGROUP
                 } else {
                     wgpu::Features::empty()
+                } | if tuning
+                    .native_f16
+                    .unwrap_or(info.device_type != wgpu::DeviceType::Cpu)
+                {
+                    adapter.features() & wgpu::Features::SHADER_F16
+                } else {
+                    wgpu::Features::empty()
                 },
                 required_limits: limits.clone(),
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
@@ -266,20 +288,46 @@ impl GpuContext {
                         info.subgroup_max_size,
                     ),
             ),
+            native_f16: Some(
+                tuning
+                    .native_f16
+                    .unwrap_or(info.device_type != wgpu::DeviceType::Cpu)
+                    && device.features().contains(wgpu::Features::SHADER_F16),
+            ),
         };
-        let scope = Scope::push(&device);
-        let mut kernels = Kernels::new(&device, tuning.one_pass, tuning.subgroups == Some(true));
-        if let Err(e) = scope.pop() {
-            if tuning.subgroups != Some(true) {
-                return Err(e);
-            }
-            // A driver that offers subgroups but fails to build the kernels that use
-            // them: the tree reductions instead.
-            let scope = Scope::push(&device);
-            kernels = Kernels::new(&device, tuning.one_pass, false);
-            scope.pop()?;
-            tuning.subgroups = Some(false);
+        // A driver that offers subgroups or f16 but fails to build the kernels that use
+        // them: packed float16 storage instead, then the tree reductions too.
+        let (subgroups, native_f16) = (
+            tuning.subgroups == Some(true),
+            tuning.native_f16 == Some(true),
+        );
+        let mut attempts = vec![(subgroups, native_f16)];
+        if native_f16 {
+            attempts.push((subgroups, false));
         }
+        if subgroups {
+            attempts.push((false, false));
+        }
+        let mut built = None;
+        for (i, &(subgroups, native_f16)) in attempts.iter().enumerate() {
+            let scope = Scope::push(&device);
+            let kernels = Kernels::new(&device, tuning.one_pass, subgroups, native_f16);
+            if native_f16 {
+                // Half variants are built on first use: one now, so that a failure shows.
+                kernels.get(Family::Apply, false, DType::F16, 0);
+            }
+            match scope.pop() {
+                Ok(()) => {
+                    built = Some(kernels);
+                    tuning.subgroups = Some(subgroups);
+                    tuning.native_f16 = Some(native_f16);
+                    break;
+                }
+                Err(e) if i + 1 == attempts.len() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        let kernels = built.expect("the last attempt returns its error");
         let timer = (KERNEL_TIMING && device.features().contains(wgpu::Features::TIMESTAMP_QUERY))
             .then(|| KernelTimer::new(&queue));
         let dummy = |label| {

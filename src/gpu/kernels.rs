@@ -202,7 +202,8 @@ impl Family {
 /// The complete WGSL of one kernel variant of `family`; `cap`: the one-pass kernels' floats
 /// of workgroup memory for values; `fused`: the fused-epilogue variant; `subgroups`: the
 /// reducing families' workgroup reductions with subgroup operations (reduce_subgroup.wgsl)
-/// rather than a tree (reduce_tree.wgsl). `FUSED` is a constant
+/// rather than a tree (reduce_tree.wgsl); `native_f16`: float16 data as WGSL `f16`
+/// ([`native_f16_glue`]; other dtypes ignore it). `FUSED` is a constant
 /// so that the plain variant compiles to the plain kernel: the epilogue's code is dead
 /// there (a uniform test instead cost the plain kernels 5–20 % on the software adapters,
 /// benches/NOTES.md), while its bindings stay in the layout, so that both variants bind
@@ -214,6 +215,7 @@ pub(crate) fn compose(
     fused: bool,
     subgroups: bool,
     dtype: DType,
+    native_f16: bool,
 ) -> String {
     let half = dtype != DType::F32;
     let prelude = match (vec4, half) {
@@ -226,10 +228,29 @@ pub(crate) fn compose(
         (true, false) => REDUCE_TREE,
         (true, true) => REDUCE_SUBGROUP,
     };
-    let storage = storage_glue(dtype, vec4);
+    let native = native_f16 && dtype == DType::F16;
+    let (enable, storage) = if native {
+        ("enable f16;\n", native_f16_glue(vec4))
+    } else {
+        ("", storage_glue(dtype, vec4))
+    };
     let body = family.source();
     format!(
-        "const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\nconst FUSED: bool = {fused};\n{prelude}\n{storage}\n{COMMON}\n{reduce}\n{body}"
+        "{enable}const WG: u32 = {WORKGROUP_SIZE}u;\nconst CAP: u32 = {cap}u;\nconst FUSED: bool = {fused};\n{prelude}\n{storage}\n{COMMON}\n{reduce}\n{body}"
+    )
+}
+
+/// [`storage_glue`] for float16 through WGSL's own `f16` (`enable f16`, on devices with
+/// `Features::SHADER_F16`): a pair unit is a `vec2<f16>`, a vec4 unit a `vec4<f16>`, the
+/// same bytes as the packed words, and the conversions are the device's. Loads are exact
+/// (every f16 is an f32, and WGSL conversions keep subnormals unless the device flushes
+/// them: tests/half.rs checks that). WGSL lets a store round either way and saturate
+/// between 65504 and 65536; every device we know rounds to nearest even and overflows to
+/// ±Inf, as the packed path does, and tests/half.rs checks the device it runs on.
+fn native_f16_glue(vec4: bool) -> String {
+    let s = if vec4 { "vec4<f16>" } else { "vec2<f16>" };
+    format!(
+        "alias S = {s};\nfn load_unit(w: S) -> V {{ return V(w); }}\nfn store_unit(v: V) -> S {{ return S(v); }}\nfn round_unit(v: V) -> V {{ return V(S(v)); }}\n"
     )
 }
 
@@ -287,7 +308,9 @@ pub(crate) const ONE_PASS_STORAGE_BUFFERS: u32 = 7;
 /// Every kernel source the crate compiles, as (name, WGSL). For tests and tools that check
 /// the shaders outside wgpu (e.g. translating them to every backend language with naga).
 /// Names ending in `_subgroup_scalar` / `_subgroup_vec4` use subgroup operations (naga's
-/// `Capabilities::SUBGROUP`), which only devices with `Features::SUBGROUP` compile.
+/// `Capabilities::SUBGROUP`), which only devices with `Features::SUBGROUP` compile; names
+/// with `_f16native_` store float16 as WGSL's `f16` (`Capabilities::SHADER_FLOAT16`, devices
+/// with `Features::SHADER_F16`).
 pub fn shader_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
     let cap = one_pass_cap(16 << 10);
@@ -304,20 +327,24 @@ pub fn shader_sources() -> Vec<(String, String)> {
             );
             out.push((
                 format!("{name}_scalar"),
-                compose(family, false, cap, fused, subgroups, DType::F32),
+                compose(family, false, cap, fused, subgroups, DType::F32, false),
             ));
             if family.vectorized() {
                 out.push((
                     format!("{name}_vec4"),
-                    compose(family, true, cap, fused, subgroups, DType::F32),
+                    compose(family, true, cap, fused, subgroups, DType::F32, false),
                 ));
             }
             if family.stores_data() {
-                for (dtype, tag) in [(DType::F16, "f16"), (DType::BF16, "bf16")] {
+                for (dtype, native, tag) in [
+                    (DType::F16, false, "f16"),
+                    (DType::F16, true, "f16native"),
+                    (DType::BF16, false, "bf16"),
+                ] {
                     for (vec4, units) in [(false, "pair"), (true, "quad")] {
                         out.push((
                             format!("{name}_{tag}_{units}"),
-                            compose(family, vec4, cap, fused, subgroups, dtype),
+                            compose(family, vec4, cap, fused, subgroups, dtype, native),
                         ));
                     }
                 }
@@ -400,10 +427,13 @@ pub(crate) struct Kernels {
     pub one_pass_cap: Option<u32>,
     /// Whether the reducing families were built with subgroup operations.
     pub subgroups: bool,
+    /// Whether float16 variants store WGSL `f16` ([`native_f16_glue`]) rather than
+    /// packed words.
+    pub native_f16: bool,
 }
 
 impl Kernels {
-    pub fn new(device: &wgpu::Device, one_pass: bool, subgroups: bool) -> Self {
+    pub fn new(device: &wgpu::Device, one_pass: bool, subgroups: bool, native_f16: bool) -> Self {
         let limits = device.limits();
         let one_pass_cap = (one_pass
             && limits.max_storage_buffers_per_shader_stage >= ONE_PASS_STORAGE_BUFFERS)
@@ -416,7 +446,7 @@ impl Kernels {
                 }
                 let cap = one_pass_cap.unwrap_or(0);
                 let name = f.name();
-                let source = |vec4| compose(f, vec4, cap, false, subgroups, DType::F32);
+                let source = |vec4| compose(f, vec4, cap, false, subgroups, DType::F32, false);
                 Some(Variants {
                     vec4: f
                         .vectorized()
@@ -433,6 +463,7 @@ impl Kernels {
             families,
             one_pass_cap,
             subgroups,
+            native_f16,
         }
     }
 
@@ -451,7 +482,15 @@ impl Kernels {
         let fused = family.has_epilogue() && fused(flags);
         if dtype != DType::F32 && family.stores_data() {
             return variants.half[half_slot(dtype, vec4, fused)].get_or_init(|| {
-                let source = compose(family, vec4, 0, fused, self.subgroups, dtype);
+                let source = compose(
+                    family,
+                    vec4,
+                    0,
+                    fused,
+                    self.subgroups,
+                    dtype,
+                    self.native_f16,
+                );
                 Kernel::new(&self.device, family.name(), &source)
             });
         }
@@ -466,7 +505,7 @@ impl Kernels {
         };
         slot.get_or_init(|| {
             let cap = self.one_pass_cap.unwrap_or(0);
-            let source = compose(family, vec4, cap, true, self.subgroups, DType::F32);
+            let source = compose(family, vec4, cap, true, self.subgroups, DType::F32, false);
             Kernel::new(&self.device, family.name(), &source)
         })
     }

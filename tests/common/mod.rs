@@ -12,11 +12,14 @@ use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning, Layout, Partitioning
 
 /// The tunings every GPU test body runs under: the device's own and, where that is not
 /// already it, the discrete-GPU work partitioning (many tiles per channel, the tree-merge
-/// finalize), so that the path every real GPU takes runs on the software adapters too.
+/// finalize) with native float16 storage where the device has `SHADER_F16`, so that the
+/// paths every real GPU takes run on the software adapters too.
 pub fn tunings() -> [DeviceTuning; 2] {
     [
         DeviceTuning::default(),
-        DeviceTuning::default().partitioning(Partitioning::DiscreteGpu),
+        DeviceTuning::default()
+            .partitioning(Partitioning::DiscreteGpu)
+            .native_f16(true),
     ]
 }
 
@@ -34,10 +37,20 @@ pub fn gpus_with(options: ContextOptions) -> Vec<Result<Context, wgpu_batchnorm:
     out
 }
 
-/// How a context is named in failure messages: its adapter and, on a GPU, its partitioning.
+/// How a context is named in failure messages: its adapter and, on a GPU, its partitioning
+/// and float16 storage.
 pub fn describe(ctx: &Context) -> String {
     match ctx.tuning() {
-        Some(t) => format!("{} (partitioning {:?})", ctx.name(), t.partitioning),
+        Some(t) => format!(
+            "{} (partitioning {:?}, {} float16)",
+            ctx.name(),
+            t.partitioning,
+            if t.native_f16 == Some(true) {
+                "native"
+            } else {
+                "packed"
+            }
+        ),
         None => ctx.name(),
     }
 }
