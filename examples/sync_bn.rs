@@ -12,7 +12,7 @@
 //!   its part of each (parts of random sizes, empty ones included), runs two training steps
 //!   through `SyncBatchNorm`, and compares its y, dx, saved statistics and running
 //!   statistics, and the rank-sum of dγ and dβ, with one `BatchNorm` on the whole batch on
-//!   its own context; then bad input on one rank (a wrong channel count, a dy of another
+//!   its own context, with float32, float16 and bfloat16 storage; then bad input on one rank (a wrong channel count, a dy of another
 //!   shape) and a globally too-small batch must fail on every rank with nothing changed. It
 //!   prints each rank's agreement and exits non-zero on every rank if any rank disagrees.
 //!   `--backend gpu` gives each process its own GPU context (`Context::new()`; choose the
@@ -28,9 +28,10 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use wgpu_batchnorm::dist::mpi::MpiComm;
+use wgpu_batchnorm::half::{bf16, f16};
 use wgpu_batchnorm::{
-    BatchNorm, BatchNormConfig, BatchNormState, Communicator, Context, Error, Result,
-    SyncBatchNorm, Tensor,
+    BatchNorm, BatchNormConfig, BatchNormState, Communicator, Context, DType, Error, Layout,
+    Result, SyncBatchNorm, Tensor,
 };
 
 // ---- deterministic data, the same on every rank ----
@@ -79,15 +80,21 @@ struct Case {
 }
 
 impl Case {
-    fn random(i: usize, world: usize) -> Self {
+    /// Case `i` for `world` ranks; with `even_rows`, rows (C × spatial) of an even length,
+    /// which a GPU stores in a half type (the last dimension doubled where needed).
+    fn random(i: usize, world: usize, even_rows: bool) -> Self {
         let mut rng = Rng(0x5EED + i as u64);
-        let c = rng.range(1, 8);
+        let mut c = rng.range(1, 8);
         let n = rng.range(2, 3 * world + 2);
-        let dims = match i % 3 {
+        let mut dims = match i % 3 {
             0 => vec![n, c],
             1 => vec![n, c, rng.range(1, 5), rng.range(1, 5)],
             _ => vec![n, c, rng.range(1, 9)],
         };
+        if even_rows && dims[1..].iter().product::<usize>() % 2 == 1 {
+            *dims.last_mut().expect("rank 2 or more") *= 2;
+            c = dims[1];
+        }
         let config = match i % 3 {
             0 => BatchNormConfig::new(c),
             1 => BatchNormConfig::new(c).cumulative_average(),
@@ -181,6 +188,41 @@ fn read(t: Option<&Tensor>) -> Result<Vec<f32>> {
     t.expect("asked for").to_vec()
 }
 
+/// A tensor of `dtype` holding `v` (rounded to it, to nearest even).
+fn tensor(ctx: &Context, v: &[f32], dims: &[usize], dtype: DType) -> Result<Tensor> {
+    match dtype {
+        DType::F16 => {
+            let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            ctx.tensor_from_half(&h, dims, Layout::ChannelsFirst)
+        }
+        DType::BF16 => {
+            let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+            ctx.tensor_from_half(&h, dims, Layout::ChannelsFirst)
+        }
+        _ => ctx.tensor_from_slice(v, dims),
+    }
+}
+
+/// `v` rounded to `dtype` (what a tensor of it holds).
+fn rounded(v: &[f32], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F16 => v.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+        DType::BF16 => v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+        _ => v.to_vec(),
+    }
+}
+
+/// One unit in the last place, relative, of a value stored in `dtype`. A half y or dx is
+/// an f32 result rounded once; the part's and the whole batch's f32 results differ in
+/// their last bits (other summation orders), which can round to neighbouring half values.
+fn storage_ulp(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 1.0 / 1024.0,
+        DType::BF16 => 1.0 / 128.0,
+        _ => 0.0,
+    }
+}
+
 /// Runs and checks every case on `ctx`; returns (passed, failed) checks of this rank.
 fn check_backend(ctx: &Context, comm: &Rc<MpiComm>) -> Result<(usize, usize)> {
     let (rank, world) = (comm.rank(), comm.world_size());
@@ -198,19 +240,21 @@ fn check_backend(ctx: &Context, comm: &Rc<MpiComm>) -> Result<(usize, usize)> {
             if ok { "PASS" } else { "FAIL" }
         );
     };
-    for i in 0..6 {
-        let case = Case::random(i, world);
+    for (i, dtype) in (0..6).flat_map(|i| [DType::F32, DType::F16, DType::BF16].map(|d| (i, d))) {
+        let case = Case::random(i, world, dtype != DType::F32);
         let (dims, range) = case.part(rank);
         let mut sync = SyncBatchNorm::new(ctx, case.config, comm.clone())?;
         sync.load_state(&case.initial)?;
         let mut whole = BatchNorm::new(ctx, case.config)?;
         whole.load_state(&case.initial)?;
-        let name = format!("case {i} {:?} split {:?}", case.dims, case.sizes);
+        let name = format!("case {i} {dtype} {:?} split {:?}", case.dims, case.sizes);
         for (s, (x, dy)) in case.steps.iter().enumerate() {
-            let xr = ctx.tensor_from_slice(&x[range.clone()], &dims)?;
-            let dyr = ctx.tensor_from_slice(&dy[range.clone()], &dims)?;
+            let (x, dy) = (&rounded(x, dtype), &rounded(dy, dtype));
+            let xr = tensor(ctx, &x[range.clone()], &dims, dtype)?;
+            let dyr = tensor(ctx, &dy[range.clone()], &dims, dtype)?;
             let out = sync.forward_train(&xr)?;
             let g = sync.backward(&dyr, &xr, &out.saved)?;
+            let dtypes = [out.y.dtype(), g.dx.as_ref().expect("asked for").dtype()];
             let mine = Step {
                 y: out.y.to_vec()?,
                 dx: read(g.dx.as_ref())?,
@@ -220,8 +264,8 @@ fn check_backend(ctx: &Context, comm: &Rc<MpiComm>) -> Result<(usize, usize)> {
                 invstd: out.saved.invstd()?,
             };
             let (xw, dyw) = (
-                ctx.tensor_from_slice(x, &case.dims)?,
-                ctx.tensor_from_slice(dy, &case.dims)?,
+                tensor(ctx, x, &case.dims, dtype)?,
+                tensor(ctx, dy, &case.dims, dtype)?,
             );
             let out = whole.forward_train(&xw)?;
             let g = whole.backward(&dyw, &xw, &out.saved)?;
@@ -250,14 +294,24 @@ fn check_backend(ctx: &Context, comm: &Rc<MpiComm>) -> Result<(usize, usize)> {
             // Tolerances (f32 ε ≈ 6e-8, O(1) data) as in tests/functional.rs: y and the
             // saved statistics to a handful of roundings; dx to 1e-5 of its terms' scale
             // max|γ|·invstd·max|dy| (its terms may cancel); dγ, dβ to 1e-5 of Σ|dy|·scale
-            // over the whole batch (the worst case of an f32 sum of the terms, any order).
+            // over the whole batch (the worst case of an f32 sum of the terms, any order);
+            // a half y or dx one storage ulp more (storage_ulp).
             let gamma = max_abs(case.initial.weight.as_ref().unwrap());
             let invstd = max_abs(&want.invstd);
             let max_dy = max_abs(dy);
             let n_values = (x.len() / c) as f64;
             let xhat = 8.0; // |x − μ|·invstd of normal data of ≲ 40 values
             let at = format!("{name} step {s}");
-            report(format!("{at} y"), worst(&mine.y, &want.y, 2e-5, 2e-5));
+            report(
+                format!("{at} y and dx dtypes {dtypes:?}"),
+                if dtypes == [dtype; 2] {
+                    0.0
+                } else {
+                    f64::INFINITY
+                },
+            );
+            let ulp = storage_ulp(dtype);
+            report(format!("{at} y"), worst(&mine.y, &want.y, 2e-5, 2e-5 + ulp));
             report(
                 format!("{at} saved mean"),
                 worst(&mine.mean, &want.mean, 1e-6, 1e-5),
@@ -267,7 +321,10 @@ fn check_backend(ctx: &Context, comm: &Rc<MpiComm>) -> Result<(usize, usize)> {
                 worst(&mine.invstd, &want.invstd, 0.0, 1e-5),
             );
             let dx_atol = 1e-5 * gamma * invstd * max_dy;
-            report(format!("{at} dx"), worst(&mine.dx, &want.dx, dx_atol, 1e-5));
+            report(
+                format!("{at} dx"),
+                worst(&mine.dx, &want.dx, dx_atol, 1e-5 + ulp),
+            );
             let dw_atol = 1e-5 * n_values * max_dy * xhat;
             report(
                 format!("{at} rank-sum dγ"),
