@@ -1,5 +1,7 @@
 //! Criterion benches: for each suite shape × op, one group holding the CPU path and every
-//! adapter found, named by backend; plus the copy ceiling of each backend per shape.
+//! adapter found, named by backend, and for the plain ops their float16 and bfloat16 rows
+//! ("<backend> f16", "<backend> bf16", half the bytes); plus the copy ceiling of each
+//! backend per shape.
 //! GPU timing is submit + wait with resident data and no readback (`iter_custom`).
 //!
 //! cargo bench --bench batchnorm [-- FILTER]
@@ -10,7 +12,10 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 #[path = "support.rs"]
 mod support;
-use support::{bench_name, contexts, prepare, register_chart_font, Copier, Op, SUITE};
+use support::{
+    bench_name, contexts, prepare, prepare_typed, register_chart_font, Copier, Op, SUITE,
+};
+use wgpu_batchnorm::DType;
 
 fn benches(c: &mut Criterion) {
     let ctxs = contexts();
@@ -20,6 +25,17 @@ fn benches(c: &mut Criterion) {
             .iter()
             .map(|ctx| prepare(ctx, case).expect("prepare"))
             .collect();
+        // The half rows, where the backend stores the shape in that type (a GPU refuses
+        // rows of odd length: said, not silent).
+        let mut halves = Vec::new();
+        for dtype in [DType::F16, DType::BF16] {
+            for ctx in &ctxs {
+                match prepare_typed(ctx, case, dtype) {
+                    Ok(p) => halves.push((dtype, p)),
+                    Err(e) => eprintln!("{} {dtype} on {}: {e}", case.name, ctx.name()),
+                }
+            }
+        }
         for op in Op::ALL.into_iter().chain(Op::FUSED) {
             let mut group = c.benchmark_group(format!("{}/{}", case.name, op.name()));
             group.throughput(Throughput::Bytes((numel * op.bytes_per_element()) as u64));
@@ -27,6 +43,15 @@ fn benches(c: &mut Criterion) {
             for p in prepared.iter_mut() {
                 let name = bench_name(&p.ctx);
                 group.bench_function(name, |b| b.iter_custom(|iters| p.time(op, iters)));
+            }
+            if Op::ALL.contains(&op) {
+                group.throughput(Throughput::Bytes(
+                    (numel * op.bytes_per_element() / 2) as u64,
+                ));
+                for (dtype, p) in halves.iter_mut() {
+                    let name = format!("{} {dtype}", bench_name(&p.ctx));
+                    group.bench_function(name, |b| b.iter_custom(|iters| p.time(op, iters)));
+                }
             }
             group.finish();
         }
