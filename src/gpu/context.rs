@@ -53,8 +53,8 @@ pub struct DeviceTuning {
     /// Store float16 tensors as WGSL's own `f16` (`enable f16`: the device's conversion
     /// instructions) rather than two per 32-bit word converted in integer arithmetic
     /// (which every device runs, GL included). None (the default): where the device has
-    /// `Features::SHADER_F16` and is not a CPU (on lavapipe the native kernels measured
-    /// 0.74–0.90× the speed of the packed ones, benches/NOTES.md); `Some(true)`: wherever
+    /// `Features::SHADER_F16` and is not a CPU (on lavapipe the native kernels took
+    /// 0.89–1.70× the time of the packed ones, benches/NOTES.md); `Some(true)`: wherever
     /// the device has the feature; `Some(false)`: never. The bytes are the same either way.
     /// [`Context::tuning`](crate::Context::tuning) reports what the context uses.
     pub native_f16: Option<bool>,
