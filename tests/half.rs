@@ -281,6 +281,86 @@ fn float16_subnormal_inputs_are_not_flushed() {
     });
 }
 
+/// Every 16-bit pattern of `T` through the kernels: an inference forward with mean 0,
+/// var + eps = 1 and no affine, y = x (up to the device's inverseSqrt, which moves a
+/// value by ulps of f32, far below half a unit of the storage type), so each pattern is
+/// decoded and encoded once. Run lengths of 65536 (vec4 units) and 65538 (pairs).
+fn every_pattern_survives_the_kernels<T: HalfFloat>(
+    name: &str,
+    from_bits: fn(u16) -> T,
+    to_bits: fn(T) -> u16,
+    is_nan: fn(u16) -> bool,
+    flushable: fn(u16) -> bool,
+) {
+    on_every_backend(name, |ctx| {
+        for len in [65536usize, 65538] {
+            let bits: Vec<u16> = (0..len).map(|i| (i % 65536) as u16).collect();
+            let h: Vec<T> = bits.iter().map(|&b| from_bits(b)).collect();
+            let x = ctx
+                .tensor_from_half(&h, &[1, 1, len], Layout::ChannelsFirst)
+                .unwrap();
+            let mut rm = ctx.tensor_from_slice(&[0.0], &[1]).unwrap();
+            // var + eps = 1 exactly (eps must be positive).
+            let eps = 2f32.powi(-24);
+            let mut rv = ctx.tensor_from_slice(&[1.0 - eps], &[1]).unwrap();
+            let f = ops::batch_norm(
+                &x,
+                Some(&mut rm),
+                Some(&mut rv),
+                None,
+                None,
+                false,
+                0.1,
+                eps,
+            )
+            .unwrap();
+            let got: Vec<u16> =
+                f.y.to_half_vec::<T>()
+                    .unwrap()
+                    .into_iter()
+                    .map(to_bits)
+                    .collect();
+            for (i, (&w, &g)) in bits.iter().zip(&got).enumerate() {
+                let ok = if is_nan(w) {
+                    is_nan(g)
+                } else if w & 0x7fff == 0 || flushable(w) {
+                    // −0 − 0 + 0 is +0; a device may flush an f32 subnormal (bfloat16's).
+                    g & 0x7fff == 0 || g == w
+                } else {
+                    g == w
+                };
+                assert!(
+                    ok,
+                    "{name} on {}: pattern {w:#06x} (index {i} of {len}) came back as {g:#06x}",
+                    ctx.name()
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn every_float16_pattern_decodes_and_encodes_exactly() {
+    every_pattern_survives_the_kernels(
+        "every_float16_pattern",
+        f16::from_bits,
+        f16::to_bits,
+        |b| b & 0x7c00 == 0x7c00 && b & 0x3ff != 0,
+        |_| false,
+    );
+}
+
+#[test]
+fn every_bfloat16_pattern_decodes_and_encodes_exactly() {
+    every_pattern_survives_the_kernels(
+        "every_bfloat16_pattern",
+        bf16::from_bits,
+        bf16::to_bits,
+        |b| b & 0x7f80 == 0x7f80 && b & 0x7f != 0,
+        |b| b & 0x7f80 == 0,
+    );
+}
+
 #[test]
 fn half_values_round_trip_and_keep_their_bits() {
     let bits: Vec<u16> = vec![
