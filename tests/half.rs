@@ -809,3 +809,65 @@ fn native_float16_is_used_where_the_device_has_it_and_asked_for() {
         assert!(native > 0, "no Vulkan context stored float16 natively");
     }
 }
+
+#[test]
+fn a_callers_device_stores_float16_natively_only_if_it_enabled_the_feature() {
+    let desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    let backends = desc.backends;
+    let instance = wgpu::Instance::new(desc);
+    let dims = [2, 3, 8, 8];
+    let n: usize = dims.iter().product();
+    let xs = round(&normal(n, 31, 1.0, 2.0), DType::F16);
+    let dys = round(&normal(n, 32, 0.0, 1.0), DType::F16);
+    let want = step(
+        &Context::cpu(),
+        &dims,
+        Layout::ChannelsFirst,
+        &xs,
+        &dys,
+        DType::F16,
+    );
+    let mut checked = 0;
+    for adapter in pollster::block_on(instance.enumerate_adapters(backends)) {
+        if !adapter.features().contains(wgpu::Features::SHADER_F16) {
+            continue;
+        }
+        for features in [wgpu::Features::empty(), wgpu::Features::SHADER_F16] {
+            let (device, queue) =
+                pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                    label: Some("caller's device"),
+                    required_features: features,
+                    required_limits: adapter.limits(),
+                    ..Default::default()
+                }))
+                .expect("a device on an adapter that listed the feature");
+            let tuning = DeviceTuning::default().native_f16(true);
+            let ctx = Context::from_device_tuned(device, queue, ContextOptions::default(), tuning)
+                .unwrap();
+            let on = features.contains(wgpu::Features::SHADER_F16);
+            assert_eq!(
+                ctx.tuning().and_then(|t| t.native_f16),
+                Some(on),
+                "{} with {features:?}",
+                ctx.name()
+            );
+            // Either way the kernels build and agree with the CPU path.
+            let got = step(&ctx, &dims, Layout::ChannelsFirst, &xs, &dys, DType::F16);
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                let what = format!("{} with {features:?}: {name}", ctx.name());
+                let (atol, rtol) = if stored_half(name) {
+                    // Both sides round an f32 result once; their summation orders differ.
+                    let (atol, half_ulp) = half_tol(DType::F16);
+                    (atol, 2.0 * half_ulp)
+                } else {
+                    (1e-5, 1e-4)
+                };
+                assert_close(&what, g, &widen(w), atol, rtol);
+            }
+            checked += 1;
+        }
+    }
+    if std::env::var("WGPU_BATCHNORM_REQUIRE_BACKENDS").is_ok_and(|b| b.contains("vulkan")) {
+        assert!(checked > 0, "no adapter with SHADER_F16 was found");
+    }
+}
