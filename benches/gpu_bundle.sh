@@ -10,8 +10,10 @@
 # run.sh lists the adapters, runs the quickstart (errors against the f64 oracle, PASS/FAIL),
 # the functional example (a split batch against one call), the bench report (median and
 # kernel ms, GB/s, % of the copy ceiling, speed-up over the CPU path) and the test binaries
-# that need no files (forward, backward, functional, large, properties, layer_state; each
-# runs its bodies on every adapter under both work partitionings), saving each output.
+# that need no files (forward, backward, functional, large, properties, layer_state, fused,
+# subgroups, half; each runs its bodies on every adapter under both work partitionings,
+# the second with native float16), then the report's float16 / bfloat16, native-float16,
+# fused and subgroup A/B rows, saving each output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/gpu-bundle}"
@@ -22,7 +24,7 @@ for e in quickstart functional bench_report; do
     cp "target/release/examples/$e" "$out/bin/"
 done
 # The test executables, by name, from cargo's own report of what it built.
-tests=(forward backward functional large properties layer_state)
+tests=(forward backward functional large properties layer_state fused subgroups half)
 cargo test --release --no-run --message-format=json "${tests[@]/#/--test=}" 2>/dev/null |
     python3 -c '
 import json, shutil, sys
@@ -55,6 +57,7 @@ for t in "$here"/bin/test_*; do
     step "$(basename "$t")" "$t" --test-threads=2
 done
 step bench_report "$here/bin/bench_report" --min-time 0.3
+step bench_report_half_fused "$here/bin/bench_report" --min-time 0.3 --native-f16 --fused --tree
 exit $status
 RUN
 chmod +x "$out/run.sh"
