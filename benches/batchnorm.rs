@@ -1,6 +1,6 @@
 //! Criterion benches: for each suite shape × op, one group holding the CPU path and every
 //! adapter found, named by backend, and for the plain ops their float16 and bfloat16 rows
-//! ("<backend> f16", "<backend> bf16", half the bytes); plus the copy ceiling of each
+//! ("<backend> float16", "<backend> bfloat16", half the bytes); plus the copy ceiling of each
 //! backend per shape.
 //! GPU timing is submit + wait with resident data and no readback (`iter_custom`).
 //!

@@ -11,8 +11,8 @@
 # the functional example (a split batch against one call), the bench report (median and
 # kernel ms, GB/s, % of the copy ceiling, speed-up over the CPU path) and the test binaries
 # that need no files (forward, backward, functional, large, properties, layer_state, fused,
-# subgroups, half; each runs its bodies on every adapter under both work partitionings,
-# the second with native float16), then the report's float16 / bfloat16, native-float16,
+# subgroups, half; each runs its bodies on every adapter with packed float16 and, where
+# the GPU has SHADER_F16, again with native float16), then the report's float16 / bfloat16, native-float16,
 # fused and subgroup A/B rows, saving each output.
 set -euo pipefail
 cd "$(dirname "$0")/.."

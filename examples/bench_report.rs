@@ -204,7 +204,8 @@ fn main() {
             }
         }
     }
-    // The contexts of --native-f16, measured in f32 (for the vs-plain column) and f16 only.
+    // The contexts of --native-f16, measured in f16 and in f32 for the vs-plain column (the
+    // plain ops only).
     let mut f16_only = Vec::new();
     if args.native_f16 {
         let defaults: Vec<(String, Option<bool>)> = ctxs
@@ -290,7 +291,7 @@ fn main() {
                     _ => label.clone(),
                 };
                 // The half rows: the plain ops (the unfused comparison pass is f32 only).
-                let its_ops: Vec<Op> = if dtype == DType::F32 {
+                let its_ops: Vec<Op> = if dtype == DType::F32 && !f16_only.contains(label) {
                     ops.clone()
                 } else {
                     Op::ALL.to_vec()

@@ -12,8 +12,9 @@
 //!   its part of each (parts of random sizes, empty ones included), runs two training steps
 //!   through `SyncBatchNorm`, and compares its y, dx, saved statistics and running
 //!   statistics, and the rank-sum of dγ and dβ, with one `BatchNorm` on the whole batch on
-//!   its own context, with float32, float16 and bfloat16 storage; then bad input on one rank (a wrong channel count, a dy of another
-//!   shape) and a globally too-small batch must fail on every rank with nothing changed. It
+//!   its own context, with float32, float16 and bfloat16 storage; then bad input on one
+//!   rank (a wrong channel count, a dy of another shape) and a globally too-small batch
+//!   must fail on every rank with nothing changed. It
 //!   prints each rank's agreement and exits non-zero on every rank if any rank disagrees.
 //!   `--backend gpu` gives each process its own GPU context (`Context::new()`; choose the
 //!   adapter with `WGPU_BACKEND`); no adapter is a failure, never a skip.

@@ -236,7 +236,8 @@ impl Context {
     }
 
     /// The tuning in force on a GPU context (partitioning resolved for the device, the
-    /// offset alignment chunks are bound at); `None` on the CPU.
+    /// offset alignment chunks are bound at, whether subgroup reductions and native
+    /// float16 run); `None` on the CPU.
     pub fn tuning(&self) -> Option<DeviceTuning> {
         match &self.inner.backend {
             Backend::Gpu(g) => Some(g.tuning),

@@ -54,7 +54,8 @@ pub struct DeviceTuning {
     /// instructions) rather than two per 32-bit word converted in integer arithmetic
     /// (which every device runs, GL included). None (the default): where the device has
     /// `Features::SHADER_F16` and is not a CPU (on lavapipe the native kernels took
-    /// 0.89–1.70× the time of the packed ones, benches/NOTES.md); `Some(true)`: wherever
+    /// more time than the packed ones in 19 of 21 shapes, 1.15× in the median,
+    /// benches/NOTES.md); `Some(true)`: wherever
     /// the device has the feature; `Some(false)`: never. The bytes are the same either way.
     /// [`Context::tuning`](crate::Context::tuning) reports what the context uses.
     pub native_f16: Option<bool>,
@@ -296,7 +297,10 @@ impl GpuContext {
             ),
         };
         // A driver that offers subgroups or f16 but fails to build the kernels that use
-        // them: packed float16 storage instead, then the tree reductions too.
+        // them: without either, then without both. The probe builds every reducing kernel
+        // (built here anyway) and one native float16 kernel; the other float16 variants
+        // are built on first use, and a driver that rejected only one of those would give
+        // that op `Error::GpuValidation` (none is known to).
         let (subgroups, native_f16) = (
             tuning.subgroups == Some(true),
             tuning.native_f16 == Some(true),
@@ -306,6 +310,9 @@ impl GpuContext {
             attempts.push((subgroups, false));
         }
         if subgroups {
+            attempts.push((false, native_f16));
+        }
+        if subgroups && native_f16 {
             attempts.push((false, false));
         }
         let mut built = None;

@@ -244,9 +244,12 @@ pub(crate) fn compose(
 /// `Features::SHADER_F16`): a pair unit is a `vec2<f16>`, a vec4 unit a `vec4<f16>`, the
 /// same bytes as the packed words, and the conversions are the device's. Loads are exact
 /// (every f16 is an f32, and WGSL conversions keep subnormals unless the device flushes
-/// them: tests/half.rs checks that). WGSL lets a store round either way and saturate
-/// between 65504 and 65536; every device we know rounds to nearest even and overflows to
-/// ±Inf, as the packed path does, and tests/half.rs checks the device it runs on.
+/// them). WGSL lets a store round either way and saturate between 65504 and 65536, and lets
+/// an implementation assume no NaN or infinity. IEEE 754's default conversion (round to
+/// nearest even, overflow to ±Inf, NaN kept) is what the packed path does bit by bit and
+/// what lavapipe's does; tests/half.rs checks each of these on every device it runs on
+/// (subnormals, every pattern, store rounding). `DeviceTuning::native_f16(false)` keeps the
+/// packed words on a device that fails them.
 fn native_f16_glue(vec4: bool) -> String {
     let s = if vec4 { "vec4<f16>" } else { "vec2<f16>" };
     format!(
@@ -307,10 +310,9 @@ pub(crate) const ONE_PASS_STORAGE_BUFFERS: u32 = 7;
 
 /// Every kernel source the crate compiles, as (name, WGSL). For tests and tools that check
 /// the shaders outside wgpu (e.g. translating them to every backend language with naga).
-/// Names ending in `_subgroup_scalar` / `_subgroup_vec4` use subgroup operations (naga's
-/// `Capabilities::SUBGROUP`), which only devices with `Features::SUBGROUP` compile; names
-/// with `_f16native_` store float16 as WGSL's `f16` (`Capabilities::SHADER_FLOAT16`, devices
-/// with `Features::SHADER_F16`).
+/// Names with `_subgroup_` use subgroup operations (naga's `Capabilities::SUBGROUP`), which
+/// only devices with `Features::SUBGROUP` compile; names with `_f16native_` store float16
+/// as WGSL's `f16` (`Capabilities::SHADER_FLOAT16`, devices with `Features::SHADER_F16`).
 pub fn shader_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
     let cap = one_pass_cap(16 << 10);

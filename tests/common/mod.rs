@@ -10,29 +10,36 @@ use std::sync::OnceLock;
 
 use wgpu_batchnorm::{Context, ContextOptions, DeviceTuning, Layout, Partitioning, Shape};
 
-/// The tunings every GPU test body runs under: the device's own and, where that is not
-/// already it, the discrete-GPU work partitioning (many tiles per channel, the tree-merge
-/// finalize) with native float16 storage where the device has `SHADER_F16`, so that the
-/// paths every real GPU takes run on the software adapters too.
+/// The tunings every GPU test body runs under: the device's own with packed float16 words,
+/// and, where either differs from that (the software adapters' partitioning, a device with
+/// `SHADER_F16`), the discrete-GPU work partitioning (many tiles per channel, the
+/// tree-merge finalize) with native float16 storage, so that the paths every real GPU
+/// takes run on the software adapters too, and both float16 paths run on a GPU.
 pub fn tunings() -> [DeviceTuning; 2] {
     [
-        DeviceTuning::default(),
+        DeviceTuning::default().native_f16(false),
         DeviceTuning::default()
             .partitioning(Partitioning::DiscreteGpu)
             .native_f16(true),
     ]
 }
 
-/// GPU contexts with `options`: one per adapter with its own tuning, then, on the software
-/// adapters (whose own partitioning is the CPU-adapter one), one with the discrete-GPU
-/// partitioning.
+/// GPU contexts with `options`: one per adapter with the first of [`tunings`], then one
+/// with the second where it differs: on the software adapters (whose own partitioning is
+/// the CPU-adapter one) and on devices with `SHADER_F16`.
 pub fn gpus_with(options: ContextOptions) -> Vec<Result<Context, wgpu_batchnorm::Error>> {
     let [own, gpu] = tunings();
     let mut out = Context::all_gpus_tuned(options, own);
     out.extend(
         Context::all_gpus_tuned(options, gpu)
             .into_iter()
-            .filter(|c| !matches!(c, Ok(c) if c.adapter_info().map(|i| i.device_type) != Some(wgpu::DeviceType::Cpu))),
+            .filter(|c| match c {
+                Ok(c) => {
+                    c.adapter_info().map(|i| i.device_type) == Some(wgpu::DeviceType::Cpu)
+                        || c.tuning().and_then(|t| t.native_f16) == Some(true)
+                }
+                Err(_) => true,
+            }),
     );
     out
 }
@@ -184,8 +191,9 @@ pub fn gpus_with_grid_limit(max: u32) -> Vec<Context> {
     .collect()
 }
 
-/// One context per GPU adapter and tuning (as [`gpus_with`]) on a device created with the
-/// limits `limits(adapter's limits)` and the given options. An adapter that cannot give
+/// One context per GPU adapter and tuning (as [`gpus_with`], on the software adapters; the
+/// first tuning on GPUs) on a device created with the limits `limits(adapter's limits)`
+/// and no optional features (so float16 is packed), and the given options. An adapter that cannot give
 /// such a device is reported on stderr and left out.
 pub fn gpus_on_devices(
     label: &str,
