@@ -410,16 +410,17 @@ fn half_stores_round_to_nearest_even_and_saturate_to_inf() {
     // y = x·γ with γ = 1, β = 0 and statistics (0, 1) from running stats (inference): y is x
     // through the f32 arithmetic and one rounding. x is f32-exact in half, so for the test of
     // the store itself scale by γ: ties, overflow past 65504, subnormals, NaN.
-    // A tie (to even: down), a value past a half ulp (up), the overflow tie at 65520 (to
-    // Inf), a subnormal, NaN.
+    // A tie (to even: down), a tie from an odd mantissa (to even: up), a value past a half
+    // ulp (up), the overflow tie at 65520 (to Inf), a subnormal, NaN.
     let gammas = [
         1.0f32 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
         1.0 + 3.0 / 4096.0,
         65520.0 / 65504.0,
         1.0 / 65536.0,
         3.0,
     ];
-    let xs = [1.0f32, 1.0, 65504.0, 1.0, f32::NAN];
+    let xs = [1.0f32, 1.0, 1.0, 65504.0, 1.0, f32::NAN];
     let dtype = DType::F16;
     on_every_backend("half_store_rounding", |ctx| {
         for (&gamma, &xv) in gammas.iter().zip(&xs) {
