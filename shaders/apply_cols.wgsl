@@ -39,7 +39,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var scale = V(0.0);
     var shift = V(0.0);
     for (var l = 0u; l < VW; l++) {
-        let c = (pos.q * VW + l) / p.inner;
+        let c = column_channel(pos.q * VW + l);
         let st = stats[c];
         var gamma = 1.0;
         if (has(FLAG_WEIGHT)) {
@@ -52,7 +52,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     let row0 = pos.tile * p.tile_len;
-    let row1 = min(row0 + p.tile_len, p.outer);
+    // Paired rows: the unit straddling the tensor's end writes the last word's unused half.
+    let row1 = column_end(pos.q, min(row0 + p.tile_len, p.outer));
     if (FUSED) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;

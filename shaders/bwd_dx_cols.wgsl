@@ -36,14 +36,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var b = V(0.0);
     var d = V(0.0);
     for (var l = 0u; l < VW; l++) {
-        let k = coef[(pos.q * VW + l) / p.inner];
+        let k = coef[column_channel(pos.q * VW + l)];
         set_lane(&mu, l, k.x);
         set_lane(&a, l, k.y);
         set_lane(&b, l, k.z);
         set_lane(&d, l, k.w);
     }
     let row0 = pos.tile * p.tile_len;
-    let row1 = min(row0 + p.tile_len, p.outer);
+    // Paired rows: the unit straddling the tensor's end writes the last word's unused half.
+    let row1 = column_end(pos.q, min(row0 + p.tile_len, p.outer));
     if (FUSED && has(FLAG_TRAINING)) {
         for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
             let i = p.base + o * p.total + pos.q;

@@ -24,14 +24,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
     var sdy = V(0.0);
     var sdyx = V(0.0);
+    // A unit straddling the tensor's end (paired rows, common.wgsl) takes its last row's
+    // first lane alone, after the loop.
+    let end = column_end(pos.q, row1);
+    let full_end = column_full_end(pos.q, row1);
     if (pos.q < p.total) {
         var mu = V(0.0);
         for (var l = 0u; l < VW; l++) {
-            set_lane(&mu, l, stats[(pos.q * VW + l) / p.inner].x);
+            set_lane(&mu, l, stats[column_channel(pos.q * VW + l)].x);
         }
         if (FUSED && has(FLAG_DZ)) {
             // The residual's gradient, written where dy and y are read (bwd_partials.wgsl).
-            for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            for (var o = row0 + pos.lane; o < full_end; o += pos.lanes) {
                 let i = p.base + o * p.total + pos.q;
                 let gv = relu_grad(load_unit(dy[i]), load_unit(y[i]));
                 dz[i] = store_unit(gv);
@@ -39,19 +43,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 sdyx += gv * (load_unit(x[i]) - mu);
             }
         } else if (FUSED) {
-            for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            for (var o = row0 + pos.lane; o < full_end; o += pos.lanes) {
                 let i = p.base + o * p.total + pos.q;
                 let gv = relu_grad(load_unit(dy[i]), load_unit(y[i]));
                 sdy += gv;
                 sdyx += gv * (load_unit(x[i]) - mu);
             }
         } else {
-            for (var o = row0 + pos.lane; o < row1; o += pos.lanes) {
+            for (var o = row0 + pos.lane; o < full_end; o += pos.lanes) {
                 let i = p.base + o * p.total + pos.q;
                 let gv = load_unit(dy[i]);
                 sdy += gv;
                 sdyx += gv * (load_unit(x[i]) - mu);
             }
+        }
+        if (full_end != end && visits(row0 + pos.lane, pos.lanes, end - 1u)) {
+            let i = p.base + (end - 1u) * p.total + pos.q;
+            var gv = load_unit(dy[i]);
+            if (FUSED) {
+                gv = relu_grad(gv, load_unit(y[i]));
+                if (has(FLAG_DZ)) {
+                    dz[i] = store_unit(gv);
+                }
+            }
+            sdy += first_lane(gv);
+            sdyx += first_lane(gv * (load_unit(x[i]) - mu));
         }
     }
     sh_dy[lid] = sdy;
@@ -70,7 +86,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let b = sh_dyx[lid];
         for (var l = 0u; l < VW; l++) {
             let j = pos.q * VW + l;
-            partials[j * p.tile_stride + slot] = vec4<f32>(get_lane(a, l), get_lane(b, l), 0.0, 0.0);
+            partials[column_partial(j) + slot] = vec4<f32>(get_lane(a, l), get_lane(b, l), 0.0, 0.0);
         }
     }
 }

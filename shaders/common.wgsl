@@ -33,8 +33,8 @@ struct Params {
     part_tstride: u32,
     bessel: f32,      // n/(n − 1) of the whole batch, computed on the host in f64
     inv_count: f32,   // 1/n of the whole batch (backward dx), computed on the host in f64
-    _pad0: u32,
-    _pad1: u32,
+    row_values: u32,  // *_cols kernels over paired rows: values per outer row (odd); else 0
+    half_last: u32,   // paired rows: 1 where the chunk's last row holds one outer row only
     _pad2: u32,
 }
 
@@ -210,6 +210,62 @@ fn column_pos(g: u32, lid: u32) -> ColumnPos {
     let cb = g % p.col_blocks;
     let col = lid % p.col_block;
     return ColumnPos(cb * p.col_block + col, lid / p.col_block, WG / p.col_block, g / p.col_blocks);
+}
+
+// Paired rows (row_values ≠ 0): a half tensor whose outer rows hold an odd number of
+// values (row_values) takes two outer rows as one row of the mapping, so that no pair unit
+// straddles two of them. Value column j of a mapping row is then column j − row_values of
+// its second outer row from row_values on, and where the chunk has an odd number of outer
+// rows (half_last) its last mapping row holds the first one only: there unit
+// row_values / 2 straddles the tensor's end (its second lane is the last word's unused
+// half) and the units after it lie past the end.
+
+// The channel of value column j of a mapping row.
+fn column_channel(j: u32) -> u32 {
+    if (p.row_values != 0u && j >= p.row_values) {
+        return (j - p.row_values) / p.inner;
+    }
+    return j / p.inner;
+}
+
+// The first partial of value column j of a mapping row (at + tile_offset + tile): the
+// tensor's column j of the first outer rows, then the same column of the second ones.
+fn column_partial(j: u32) -> u32 {
+    if (p.row_values != 0u && j >= p.row_values) {
+        return (j - p.row_values) * p.tile_stride + p.tile_stride / 2u;
+    }
+    return j * p.tile_stride;
+}
+
+// The end of unit column q's rows among [.., row1): row1, or one less where the chunk's
+// last mapping row holds no value of q.
+fn column_end(q: u32, row1: u32) -> u32 {
+    if (p.half_last != 0u && row1 == p.outer && q > p.row_values / 2u) {
+        return row1 - 1u;
+    }
+    return row1;
+}
+
+// The end of unit column q's rows among [.., row1) in which every lane is a value: one
+// less than column_end where q straddles the tensor's end in the last mapping row (only
+// its first lane is a value there, which the reductions take alone).
+fn column_full_end(q: u32, row1: u32) -> u32 {
+    if (p.half_last != 0u && row1 == p.outer && q >= p.row_values / 2u) {
+        return row1 - 1u;
+    }
+    return row1;
+}
+
+// Whether the rows o0, o0 + step, … include row o.
+fn visits(o0: u32, step: u32, o: u32) -> bool {
+    return o >= o0 && (o - o0) % step == 0u;
+}
+
+// v with every lane but the first zeroed.
+fn first_lane(v: V) -> V {
+    var r = V(0.0);
+    set_lane(&r, 0u, get_lane(v, 0u));
+    return r;
 }
 
 // ---- One-pass kernels (*_onepass.wgsl), for channels that fit in workgroup memory: a

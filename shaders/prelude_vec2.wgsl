@@ -1,6 +1,6 @@
 // Pair prelude: the narrow units of half-precision storage (two values per 32-bit word).
-// The host picks it for float16 / bfloat16 tensors whose runs (or rows) hold an even number
-// of values that is not a multiple of 4.
+// The host picks it for float16 / bfloat16 tensors whose runs (or rows, or pairs of rows)
+// hold an even number of values that is not a multiple of 4.
 alias V = vec2<f32>;
 const VW: u32 = 2u;
 fn hsum(v: V) -> f32 { return v.x + v.y; }

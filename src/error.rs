@@ -81,7 +81,8 @@ pub enum Error {
         got: crate::DType,
     },
 
-    /// A storage type this context cannot serve for this tensor.
+    /// A storage type this context cannot serve for this tensor. (No shape gives it since
+    /// half rows of odd length are served too; kept for contexts that cannot serve one.)
     #[error("dtype {dtype} is not supported here: {reason}")]
     UnsupportedDType {
         /// The storage type asked for.

@@ -1,9 +1,10 @@
 //! Half-precision storage (float16, bfloat16) for x, y, dy, dx and the residual, with f32
 //! parameters and statistics: PyTorch's mixed type. On every backend and the CPU path, for
 //! each mapping the GPU plans take (pair and vec4 units over long runs, the column mapping,
-//! channels-last, chunks past a binding): the outputs against the f64 oracle run on the
-//! same (exactly widened) half inputs, the statistics against the f32 path on those inputs,
-//! and typed errors for mixed dtypes and shapes a GPU cannot store.
+//! channels-last, rows of odd length taken in pairs, chunks past a binding): the outputs
+//! against the f32 path run on the same (exactly widened) half inputs, the fused epilogue
+//! against the CPU path's half storage, everything against PyTorch's kernels (golden
+//! fixtures), and typed errors for mixed dtypes.
 //!
 //! Tolerances. A half output is the f32 result rounded once, to nearest, to the storage
 //! type, so it lies within half a unit in the last place of the value: 2^-11 relative for
@@ -513,45 +514,153 @@ fn mixed_dtypes_are_typed_errors_and_change_nothing() {
 }
 
 #[test]
-fn a_gpu_refuses_half_rows_of_odd_length_and_the_cpu_path_takes_them() {
-    // (N, C) with C odd: a pair unit would straddle two rows.
-    let dims = [4, 3];
-    let xs = normal(12, 2, 0.0, 1.0);
-    on_every_backend("odd_rows", |ctx| {
-        let x = half_tensor(ctx, &xs, &dims, Layout::ChannelsFirst, DType::F16);
-        let r = ops::batch_norm(&x, None, None, None, None, true, 0.1, 1e-5);
-        if ctx.backend_kind() == "cpu" {
-            let want = ops::batch_norm(
-                &Context::cpu()
-                    .tensor_from_slice(&round(&xs, DType::F16), &dims)
-                    .unwrap(),
-                None,
-                None,
-                None,
-                None,
-                true,
-                0.1,
-                1e-5,
-            )
+fn half_rows_of_odd_length_pair_outer_rows() {
+    // A row (C × spatial values, in memory order) of odd length: a pair unit would straddle
+    // two outer rows, so the column mapping takes two rows at a time, and where the count
+    // of rows is odd the tensor ends in half a word.
+    let cases: &[(&[usize], Layout)] = &[
+        (&[4, 3], Layout::ChannelsFirst),          // (N, C) with C odd
+        (&[5, 3], Layout::ChannelsFirst),          // and N odd: the last word half used
+        (&[1, 5, 3], Layout::ChannelsFirst),       // one row
+        (&[1, 1, 3], Layout::ChannelsFirst),       // one row of three values
+        (&[7, 1], Layout::ChannelsFirst),          // one channel of an odd count
+        (&[3, 5, 7], Layout::ChannelsFirst),       // (N, C, L), C and L odd
+        (&[3, 5, 3, 3], Layout::ChannelsLast),     // channels-last, C and H·W odd
+        (&[2, 3, 5, 5], Layout::ChannelsFirst),    // NCHW, rows of 75
+        (&[1031, 3], Layout::ChannelsFirst),       // many rows: several row tiles
+        (&[9, 517], Layout::ChannelsFirst),        // rows past a workgroup's columns
+        (&[3, 3, 1, 1031], Layout::ChannelsFirst), // long odd runs, C odd
+    ];
+    for &(dims, layout) in cases {
+        compare(dims, layout, 1.0, 2.0);
+    }
+}
+
+/// relu(bn(x) + z) and its backward, in training and from running statistics; every output
+/// as f32 host values, named. The backward masks by `ys` (the forward outputs of another
+/// run, in that order) where given, else by this run's own.
+fn fused_step(
+    ctx: &Context,
+    dims: &[usize],
+    (xs, zs, dys): (&[f32], &[f32], &[f32]),
+    ys: Option<[&[f32]; 2]>,
+    dtype: DType,
+) -> Vec<(String, Vec<f32>)> {
+    let c = dims[1];
+    let layout = Layout::ChannelsFirst;
+    let (x, z, dy) = (
+        half_tensor(ctx, xs, dims, layout, dtype),
+        half_tensor(ctx, zs, dims, layout, dtype),
+        half_tensor(ctx, dys, dims, layout, dtype),
+    );
+    let p = |v: Vec<f32>| ctx.tensor_from_slice(&v, &[c]).unwrap();
+    let (w, b) = (p(normal(c, 7, 1.0, 0.5)), p(normal(c, 8, 0.0, 0.5)));
+    let (mut rm, mut rv) = (p(vec![0.5; c]), p(vec![2.0; c]));
+    let mut out = Vec::new();
+    for (mode, training) in [true, false].into_iter().enumerate() {
+        let f = ops::batch_norm_relu(
+            &x,
+            Some(&z),
+            Some(&mut rm),
+            Some(&mut rv),
+            Some(&w),
+            Some(&b),
+            training,
+            0.1,
+            1e-5,
+        )
+        .unwrap();
+        let y = match ys {
+            Some(ys) => half_tensor(ctx, ys[mode], dims, layout, dtype),
+            None => f.y.clone(),
+        };
+        let g = ops::batch_norm_relu_backward(&dy, &y, &x, &f.saved, Some(&w), true, GradMask::ALL)
             .unwrap();
-            let got = r.unwrap().y.to_vec().unwrap();
-            let w = widen(&want.y.to_vec().unwrap());
-            let (atol, rtol) = half_tol(DType::F16);
-            assert_close("odd rows on the CPU path", &got, &w, atol, rtol);
-        } else {
-            let e = r.unwrap_err();
-            assert!(
-                matches!(
-                    e,
-                    Error::UnsupportedDType {
-                        dtype: DType::F16,
-                        ..
-                    }
-                ),
-                "{e}"
-            );
+        let read = |t: &Option<Tensor>| t.as_ref().unwrap().to_vec().unwrap();
+        out.extend([
+            (format!("y (training {training})"), f.y.to_vec().unwrap()),
+            (format!("dx (training {training})"), read(&g.dx)),
+            (format!("dz (training {training})"), read(&g.dz)),
+            (format!("dweight (training {training})"), read(&g.dweight)),
+            (format!("dbias (training {training})"), read(&g.dbias)),
+        ]);
+    }
+    out
+}
+
+#[test]
+fn fused_add_relu_on_half_rows_of_odd_length_matches_the_cpu_path() {
+    // The fused epilogue's kernels in the paired-row mapping, with the CPU path on the same
+    // half tensors as the reference. Both round bn(x) to the storage type before the add;
+    // f32 rounding on either side can move that rounding by one ulp of bn(x), so y is held
+    // to two storage ulps of the largest |bn(x)| + |z| (below 16 here). The backward of
+    // both masks by the CPU path's y, so that dz is exact and dx within its half ulp.
+    for dims in [&[5usize, 3][..], &[3, 5, 7], &[1031, 3], &[2, 2, 7, 7]] {
+        let n: usize = dims.iter().product();
+        for dtype in [DType::F16, DType::BF16] {
+            let xs = round(&normal(n, 13, 0.5, 2.0), dtype);
+            let zs = round(&normal(n, 14, 0.0, 1.0), dtype);
+            let dys = round(&normal(n, 15, 0.0, 1.0), dtype);
+            let data = (&xs[..], &zs[..], &dys[..]);
+            let want = fused_step(&Context::cpu(), dims, data, None, dtype);
+            let ys = [&want[0].1[..], &want[5].1[..]];
+            on_every_backend("fused_half_odd_rows", |ctx| {
+                let got = fused_step(ctx, dims, data, Some(ys), dtype);
+                for ((name, g), (_, w)) in got.iter().zip(&want) {
+                    let what = format!("{dims:?} {dtype} on {}: {name}", ctx.name());
+                    let (atol, rtol) = half_tol(dtype);
+                    let (atol, rtol) = if name.starts_with("y ") {
+                        // 2 ulps at 16: 2 · 16 · 2 · (half an ulp, relative).
+                        (2.0 * 16.0 * 2.0 * rtol, 0.0)
+                    } else if name.starts_with("dweight") || name.starts_with("dbias") {
+                        (1e-4, 1e-4)
+                    } else {
+                        (atol, rtol)
+                    };
+                    assert_close(&what, g, &widen(w), atol, rtol);
+                }
+            });
         }
-    });
+    }
+}
+
+#[test]
+fn half_rows_of_odd_length_past_one_binding_are_chunked_in_pairs() {
+    // Rows of 42 and 50 bytes under a 1 KiB cap: chunks of an even number of rows, the last
+    // of an odd one where the count of rows is odd.
+    let dtype = DType::BF16;
+    let cases: [&[usize]; 3] = [&[41, 7, 3], &[40, 7, 3], &[51, 25]];
+    for dims in cases {
+        let cap = 1024;
+        let n: usize = dims.iter().product();
+        let xs = round(&normal(n, 5, -2.0, 3.0), dtype);
+        let dys = round(&normal(n, 6, 0.0, 1.0), dtype);
+        let want = step(
+            &Context::cpu(),
+            dims,
+            Layout::ChannelsFirst,
+            &xs,
+            &dys,
+            DType::F32,
+        );
+        let capped = ContextOptions {
+            max_binding_size: Some(cap),
+        };
+        for ctx in common::gpus_with(capped) {
+            let ctx = ctx.unwrap();
+            let _gl = (ctx.backend_kind() == "gl").then(common::gl_lock);
+            let got = step(&ctx, dims, Layout::ChannelsFirst, &xs, &dys, dtype);
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                let what = format!("{dims:?} cap {cap} {dtype} on {}: {name}", ctx.name());
+                let (atol, rtol) = if stored_half(name) {
+                    half_tol(dtype)
+                } else {
+                    (1e-4, 1e-4)
+                };
+                assert_close(&what, g, &widen(w), atol, rtol);
+            }
+        }
+    }
 }
 
 /// One case of tests/fixtures/half.json (written by tests/fixtures/gen_half.py from PyTorch).

@@ -43,8 +43,8 @@ pub(crate) struct Params {
     pub part_tstride: u32,
     pub bessel: f32,
     pub inv_count: f32,
-    pub _pad0: u32,
-    pub _pad1: u32,
+    pub row_values: u32,
+    pub half_last: u32,
     pub _pad2: u32,
 }
 

@@ -122,12 +122,15 @@ enum Mapping {
     /// Long runs: along each channel's runs of `inner` units; the element-wise passes give
     /// a workgroup to a chunk of one run.
     Runs { inner: u32 },
-    /// Short runs: rows of `units` units, `col_block` unit columns per workgroup,
+    /// Short runs: rows of `units` units (one or two outer rows), `col_block` unit columns per workgroup,
     /// `col_blocks` workgroups across a row (see shaders/common.wgsl).
     Columns {
         units: u32,
         col_block: u32,
         col_blocks: u32,
+        /// Each row of the mapping is two outer rows (a half tensor whose outer rows hold
+        /// an odd number of values); the last may hold one (`Params::half_last`).
+        paired: bool,
     },
 }
 
@@ -172,40 +175,45 @@ impl Plan {
         } else {
             let row_len = channels * run_len;
             let vec4 = row_len.is_multiple_of(4);
-            if !vec4 && !row_len.is_multiple_of(narrow) && v.numel() > 0 {
-                // A pair unit would straddle two rows, which no mapping follows.
-                return Err(Error::UnsupportedDType {
-                    dtype,
-                    reason: format!(
-                        "a {dtype} tensor's rows (C × spatial = {row_len} values, in memory \
-                         order) must hold an even number of values on the GPU; use float32 \
-                         or the CPU path for this shape"
-                    ),
-                });
-            }
-            let units = if vec4 { row_len / 4 } else { row_len / narrow };
+            // A half row of odd length: pair units would straddle two outer rows, so the
+            // column mapping takes two outer rows as one row of the mapping (an even number
+            // of values; the kernels find a value's channel modulo the outer row).
+            let paired = !vec4 && !row_len.is_multiple_of(narrow);
+            let units = if vec4 {
+                row_len / 4
+            } else if paired {
+                row_len
+            } else {
+                row_len / narrow
+            };
             let col_block = 1 << units.clamp(1, wg).ilog2();
             let mapping = Mapping::Columns {
                 units,
                 col_block,
                 col_blocks: units.div_ceil(col_block),
+                paired,
             };
             (mapping, vec4)
         };
         let row_bytes = (v.channels * v.inner * dtype.size()) as u64;
-        let total_bytes = row_bytes * v.outer as u64;
+        // Whole 32-bit words: an odd count of half values ends in half a word.
+        let total_bytes = (row_bytes * v.outer as u64).next_multiple_of(4);
+        let paired = matches!(mapping, Mapping::Columns { paired: true, .. });
         let rows_per_chunk = if total_bytes <= max_binding {
             v.outer.max(1) as u64
         } else {
             // A chunk is bound from the aligned offset at or before its first row, so it
             // needs up to `align − 4` bytes of slack before its rows.
-            let rows = max_binding.saturating_sub(align.saturating_sub(4)) / row_bytes;
+            // Paired rows are chunked in pairs, so that every chunk starts at a word.
+            let step = if paired { 2 } else { 1 };
+            let rows =
+                max_binding.saturating_sub(align.saturating_sub(4)) / (row_bytes * step) * step;
             if rows == 0 {
                 return Err(Error::TooLarge {
-                    bytes: row_bytes + align.saturating_sub(4),
-                    limit_name: "max_storage_buffer_binding_size (one outer row of the input, \
-                                 plus the slack of the storage-offset alignment, must fit one \
-                                 binding)",
+                    bytes: row_bytes * step + align.saturating_sub(4),
+                    limit_name: "max_storage_buffer_binding_size (one outer row of the input \
+                                 (two for half rows of odd length), plus the slack of the \
+                                 storage-offset alignment, must fit one binding)",
                     limit: max_binding,
                 });
             }
@@ -219,8 +227,13 @@ impl Plan {
             Mapping::Columns {
                 col_block,
                 col_blocks,
+                paired,
                 ..
-            } => (rows_per_chunk, wg / col_block, col_blocks),
+            } => (
+                rows_per_chunk.div_ceil(if paired { 2 } else { 1 }),
+                wg / col_block,
+                col_blocks,
+            ),
         };
         let tiles_for_work = space.div_ceil(lanes * tuning.max_units_per_thread).max(1);
         let tiles_for_occupancy = tuning
@@ -259,7 +272,7 @@ impl Plan {
                     return Chunk {
                         index,
                         rows,
-                        range: Some((0, rows as u64 * self.row_bytes)),
+                        range: Some((0, (rows as u64 * self.row_bytes).next_multiple_of(4))),
                         base: 0,
                     };
                 }
@@ -269,7 +282,10 @@ impl Plan {
                 Chunk {
                     index,
                     rows,
-                    range: Some((bound, slack + rows as u64 * self.row_bytes)),
+                    range: Some((
+                        bound,
+                        (slack + rows as u64 * self.row_bytes).next_multiple_of(4),
+                    )),
                     // Rows are whole units (16-byte vec4, 8-byte half quad, 4-byte scalar or
                     // half pair) and the alignment is a multiple of a unit (or smaller than
                     // a row's unit), so the slack is whole units.
@@ -320,14 +336,37 @@ impl Plan {
                 units,
                 col_block,
                 col_blocks,
+                paired,
             } => {
                 p.inner = self.run_len;
                 p.total = units;
                 p.col_block = col_block;
                 p.col_blocks = col_blocks;
+                if paired {
+                    p.outer = rows.div_ceil(2);
+                    p.row_values = self.channels * self.run_len;
+                    p.half_last = rows % 2;
+                }
             }
         }
         p
+    }
+
+    /// Rows of the mapping in `rows` outer rows: two outer rows each where they are paired.
+    fn mapped_rows(&self, rows: u32) -> u32 {
+        match self.mapping {
+            Mapping::Columns { paired: true, .. } => rows.div_ceil(2),
+            _ => rows,
+        }
+    }
+
+    /// Partials per value column and channel in one chunk's tile: 2 with paired rows
+    /// (value columns j and row_values + j of a mapping row are one column of the tensor).
+    fn column_halves(&self) -> u32 {
+        match self.mapping {
+            Mapping::Columns { paired: true, .. } => 2,
+            _ => 1,
+        }
     }
 
     /// Partials per channel, over all chunks: one per tile (runs), one per tile per value
@@ -336,7 +375,7 @@ impl Plan {
         let per_column = self.tiles * self.chunks;
         match self.mapping {
             Mapping::Runs { .. } => per_column,
-            Mapping::Columns { .. } => per_column * self.run_len,
+            Mapping::Columns { .. } => per_column * self.run_len * self.column_halves(),
         }
     }
 
@@ -346,7 +385,7 @@ impl Plan {
             base: chunk.base,
             tiles: self.tiles,
             tile_len: self.tile_len,
-            tile_stride: self.tiles * self.chunks,
+            tile_stride: self.tiles * self.chunks * self.column_halves(),
             tile_offset: self.tiles * chunk.index,
             ..self.base(chunk.rows)
         };
@@ -404,7 +443,7 @@ impl Plan {
                 ..
             } => {
                 let tile_len = wg / col_block * APPLY_UNITS_PER_THREAD;
-                let tiles = chunk.rows.div_ceil(tile_len);
+                let tiles = self.mapped_rows(chunk.rows).div_ceil(tile_len);
                 Params {
                     tiles,
                     tile_len,
