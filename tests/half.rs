@@ -17,6 +17,8 @@
 mod common;
 
 use common::{assert_close, normal, on_every_backend, widen};
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use wgpu_batchnorm::half::{bf16, f16};
 use wgpu_batchnorm::{
     ops, Context, ContextOptions, DType, DeviceTuning, Error, GradMask, HalfFloat, Layout, Tensor,
@@ -126,27 +128,32 @@ fn stored_half(name: &str) -> bool {
 /// same (widened) inputs, the half outputs within one storage ulp, the statistics within
 /// f32 tolerance.
 fn compare(dims: &[usize], layout: Layout, mean: f64, std: f64) {
-    let n: usize = dims.iter().product();
     for dtype in [DType::F16, DType::BF16] {
-        let xs = round(&normal(n, 3, mean, std), dtype);
-        let dys = round(&normal(n, 4, 0.0, 1.0), dtype);
-        // The reference: the CPU path in f32 on the exact half values (its f64-stable
-        // statistics), unrounded.
-        let want = step(&Context::cpu(), dims, layout, &xs, &dys, DType::F32);
-        on_every_backend("half_storage", |ctx| {
-            let got = step(ctx, dims, layout, &xs, &dys, dtype);
-            for ((name, g), (_, w)) in got.iter().zip(&want) {
-                let what = format!("{dims:?} {layout:?} {dtype} on {}: {name}", ctx.name());
-                let w = widen(w);
-                if stored_half(name) {
-                    let (atol, rtol) = half_tol(dtype);
-                    assert_close(&what, g, &w, atol, rtol);
-                } else {
-                    assert_close(&what, g, &w, 1e-5, 1e-4);
-                }
-            }
-        });
+        compare_one(dims, layout, dtype, (mean, std, 3));
     }
+}
+
+/// [`compare`] for one half type, on data N(mean, std²) from `seed` (and seed + 1 for dy).
+fn compare_one(dims: &[usize], layout: Layout, dtype: DType, (mean, std, seed): (f64, f64, u64)) {
+    let n: usize = dims.iter().product();
+    let xs = round(&normal(n, seed, mean, std), dtype);
+    let dys = round(&normal(n, seed + 1, 0.0, 1.0), dtype);
+    // The reference: the CPU path in f32 on the exact half values (its f64-stable
+    // statistics), unrounded.
+    let want = step(&Context::cpu(), dims, layout, &xs, &dys, DType::F32);
+    on_every_backend("half_storage", |ctx| {
+        let got = step(ctx, dims, layout, &xs, &dys, dtype);
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            let what = format!("{dims:?} {layout:?} {dtype} on {}: {name}", ctx.name());
+            let w = widen(w);
+            if stored_half(name) {
+                let (atol, rtol) = half_tol(dtype);
+                assert_close(&what, g, &w, atol, rtol);
+            } else {
+                assert_close(&what, g, &w, 1e-5, 1e-4);
+            }
+        }
+    });
 }
 
 #[test]
@@ -979,5 +986,40 @@ fn a_callers_device_stores_float16_natively_only_if_it_enabled_the_feature() {
     }
     if std::env::var("WGPU_BATCHNORM_REQUIRE_BACKENDS").is_ok_and(|b| b.contains("vulkan")) {
         assert!(checked > 0, "no adapter with SHADER_F16 was found");
+    }
+}
+
+/// Random half problems: rank 2–4, N ≤ 7, C ≤ 9, spatial dims ≤ 9 (rows of every parity),
+/// both layouts, both half types, at least two values per channel.
+fn half_problem() -> impl Strategy<Value = (Vec<usize>, Layout, DType, u64)> {
+    (
+        1usize..=7,
+        1usize..=9,
+        proptest::collection::vec(1usize..=9, 0..=2),
+        prop_oneof![Just(Layout::ChannelsFirst), Just(Layout::ChannelsLast)],
+        prop_oneof![Just(DType::F16), Just(DType::BF16)],
+        0u64..1000,
+    )
+        .prop_map(|(n, c, spatial, layout, dtype, seed)| {
+            let per_channel: usize = n * spatial.iter().product::<usize>();
+            let mut dims = vec![if per_channel < 2 { 2 } else { n }, c];
+            dims.extend(spatial);
+            (dims, layout, dtype, seed)
+        })
+}
+
+proptest! {
+    // Failures are kept in proptest-regressions/ and replayed before new cases.
+    #![proptest_config(ProptestConfig {
+        cases: 32,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/half.txt",
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_half_problems_match_the_f32_path((dims, layout, dtype, seed) in half_problem()) {
+        compare_one(&dims, layout, dtype, (0.5, 2.0, seed));
     }
 }
