@@ -6,7 +6,10 @@
 //! Every kernel runs over resnet_early's x (32×64×56×56 f32 = 25.7 MB, as vec4 units) and
 //! is timed alone (submit + wait, data resident). Rounds alternate the kernels so that noise
 //! from other work on the machine hits all of them alike; the table shows each kernel's
-//! fastest round and its ratio to the grid-stride copy.
+//! fastest round and its ratio to the grid-stride copy. The half-storage probes run the
+//! crate's apply loop over the same values as float16 or bfloat16 (half the bytes), with the
+//! crate's conversions (shaders/storage_half.wgsl) four or eight values a load, and, where
+//! the adapter has SHADER_F16, with the device's own conversions.
 
 use std::time::Instant;
 
@@ -34,6 +37,105 @@ const C: u32 = {CHANNELS}u;
 const UNITS: u32 = {UNITS}u;
 "
     )
+}
+
+/// The declarations of the half-storage probes: x and y as half values in words, `unit`
+/// words (2: four values, as the crate's vec4 units; 4: eight values) per access, and the
+/// crate's conversions with 4-value loads and stores for float16 (`f16`) or bfloat16.
+fn half_header(unit: u32, ty: &str) -> String {
+    format!(
+        "@group(0) @binding(0) var<storage, read> x: array<vec{unit}<u32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<vec{unit}<u32>>;
+@group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
+struct Shape {{ inner: u32, channels: u32, chunk: u32, units: u32 }}
+@group(0) @binding(3) var<uniform> u: Shape;
+{}
+fn ld4(w: vec2<u32>) -> vec4<f32> {{ return vec4<f32>({ty}_ld2(w.x), {ty}_ld2(w.y)); }}
+fn st4(v: vec4<f32>) -> vec2<u32> {{ return vec2<u32>({ty}_st2(v.xy), {ty}_st2(v.zw)); }}
+",
+        include_str!("../shaders/storage_half.wgsl")
+    )
+}
+
+/// The half-storage probes: (name, what it shows, header, WGSL body, workgroups). Half
+/// the bytes of the f32 kernels; the crate's apply loop with four or eight values a load.
+fn half_kernels(native_f16: bool) -> Vec<(&'static str, &'static str, String, String, u32)> {
+    let runs = OUTER * CHANNELS;
+    let four = "let k = coef[wid.x % u.channels]; let start = wid.x * u.inner; for (var i = start + lid; i < start + u.inner; i += 256u) { y[i] = st4((ld4(x[i]) - vec4(k.x)) * k.y + vec4(k.z)); }";
+    let eight = "let k = coef[wid.x % u.channels]; let n = u.inner / 2u; let start = wid.x * n; for (var i = start + lid; i < start + n; i += 256u) { let w = x[i]; let a = (ld4(w.xy) - vec4(k.x)) * k.y + vec4(k.z); let b = (ld4(w.zw) - vec4(k.x)) * k.y + vec4(k.z); y[i] = vec4<u32>(st4(a), st4(b)); }";
+    let copy8 = format!("let stride = {}u; for (var i = wid.x * 256u + lid; i < UNITS / 2u; i += stride) {{ y[i] = x[i]; }}", UNITS / CHUNK * 256);
+    let mut out = vec![(
+        "copy of the half bytes, grid-stride (vec4<u32>)",
+        "the half tensor's ceiling",
+        half_header(4, "bf16") + &format!("const UNITS: u32 = {UNITS}u;\n"),
+        copy8,
+        UNITS / CHUNK,
+    )];
+    for (ty, four_name, eight_name) in [
+        (
+            "bf16",
+            "apply bfloat16, 4 values a load",
+            "apply bfloat16, 8 values a load",
+        ),
+        (
+            "f16",
+            "apply float16, 4 values a load",
+            "apply float16, 8 values a load",
+        ),
+    ] {
+        out.push((
+            four_name,
+            "the crate's half units (vec2<u32>)",
+            half_header(2, ty),
+            four.into(),
+            runs,
+        ));
+        out.push((
+            eight_name,
+            "wider half units (vec4<u32>)",
+            half_header(4, ty),
+            eight.into(),
+            runs,
+        ));
+    }
+    if native_f16 {
+        // The device's conversions (SHADER_F16) on the words, and on f16 storage.
+        let native = |unit: u32| {
+            format!(
+                "@group(0) @binding(0) var<storage, read> x: array<vec{unit}<u32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<vec{unit}<u32>>;
+@group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
+struct Shape {{ inner: u32, channels: u32, chunk: u32, units: u32 }}
+@group(0) @binding(3) var<uniform> u: Shape;
+fn ld4(w: vec2<u32>) -> vec4<f32> {{ return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }}
+fn st4(v: vec4<f32>) -> vec2<u32> {{ return vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }}
+"
+            )
+        };
+        out.push((
+            "apply float16, device conversions on words, 4 values a load",
+            "SHADER_F16 conversions, u32 storage",
+            native(2),
+            four.into(),
+            runs,
+        ));
+        out.push((
+            "apply float16, device conversions on words, 8 values a load",
+            "SHADER_F16 conversions, u32 storage",
+            native(4),
+            eight.into(),
+            runs,
+        ));
+        let storage = "enable f16;
+@group(0) @binding(0) var<storage, read> x: array<vec4<f16>>;
+@group(0) @binding(1) var<storage, read_write> y: array<vec4<f16>>;
+@group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
+struct Shape { inner: u32, channels: u32, chunk: u32, units: u32 }
+@group(0) @binding(3) var<uniform> u: Shape;
+";
+        out.push(("apply float16, f16 storage, 4 values a load", "the crate's native float16 (vec4<f16>)", storage.into(), "let k = coef[wid.x % u.channels]; let start = wid.x * u.inner; for (var i = start + lid; i < start + u.inner; i += 256u) { y[i] = vec4<f16>((vec4<f32>(x[i]) - vec4(k.x)) * k.y + vec4(k.z)); }".into(), runs));
+    }
+    out
 }
 
 /// (name, what it shows, WGSL body of `main`, workgroups).
@@ -116,9 +218,18 @@ fn main() {
     }
     for adapter in adapters {
         let info = adapter.get_info();
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
-                .expect("device");
+        // The device's float16 conversions: pack2x16float and unpack2x16float (downlevel
+        // SHADER_F16_IN_F32), and f16 storage (SHADER_F16).
+        let native_f16 = adapter.features().contains(wgpu::Features::SHADER_F16)
+            && adapter
+                .get_downlevel_capabilities()
+                .flags
+                .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            required_features: adapter.features() & wgpu::Features::SHADER_F16,
+            ..Default::default()
+        }))
+        .expect("device");
         let buffer = |bytes: usize, usage| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: None,
@@ -134,16 +245,18 @@ fn main() {
             contents: bytemuck::cast_slice(&[INNER, CHANNELS, CHUNK, UNITS]),
             usage: wgpu::BufferUsages::UNIFORM,
         });
-        let prepared: Vec<_> = kernels()
+        let all = kernels()
             .into_iter()
-            .map(|(name, what, body, groups)| {
+            .map(|(name, what, body, groups)| (name, what, header(), body, groups))
+            .chain(half_kernels(native_f16));
+        let prepared: Vec<_> = all
+            .map(|(name, what, header, body, groups)| {
                 // Every binding is touched, so that the one layout fits every kernel.
                 let source = format!(
-                    "{}@compute @workgroup_size(256) fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+                    "{header}@compute @workgroup_size(256) fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
   _ = coef[0]; _ = u.units;
   {body}
-}}",
-                    header()
+}}"
                 );
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(name),
