@@ -175,6 +175,9 @@ const SHAPES: &[(&[usize], Layout)] = &[
     (&[3, 4, 5, 6], Layout::ChannelsLast),
     (&[2, 8, 3, 4, 5], Layout::ChannelsLast),
     (&[2, 2], Layout::ChannelsFirst),
+    // Large enough that the CPU path splits its passes into several tasks.
+    (&[8, 6, 40, 40], Layout::ChannelsFirst),
+    (&[2048, 40], Layout::ChannelsFirst),
 ];
 
 #[test]
