@@ -26,35 +26,39 @@ const CHUNK: u32 = 2048;
 /// Shared declarations: x, y, per-channel (mean, scale, shift) and a uniform copy of the
 /// shape, so that a kernel can take each number as a constant or from the uniform.
 fn header() -> String {
-    format!(
-        "@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read_write> y: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
-struct Shape {{ inner: u32, channels: u32, chunk: u32, units: u32 }}
-@group(0) @binding(3) var<uniform> u: Shape;
-const INNER: u32 = {INNER}u;
-const C: u32 = {CHANNELS}u;
-const UNITS: u32 = {UNITS}u;
-"
+    declarations(
+        "",
+        "vec4<f32>",
+        &format!("const INNER: u32 = {INNER}u;\nconst C: u32 = {CHANNELS}u;\nconst UNITS: u32 = {UNITS}u;\n"),
     )
 }
 
-/// The declarations of the half-storage probes: x and y as half values in words, `unit`
-/// words (2: four values, as the crate's vec4 units; 4: eight values) per access, and the
-/// crate's conversions with 4-value loads and stores for float16 (`f16`) or bfloat16.
-fn half_header(unit: u32, ty: &str) -> String {
+/// A probe's declarations: `enable` directives, then x and y as arrays of `elem` (vec4<f32>;
+/// for half values vec2<u32>: four a load, as the crate's vec4 units; vec4<u32>: eight;
+/// vec4<f16>: four as f16), coef and u, then `extra`.
+fn declarations(enable: &str, elem: &str, extra: &str) -> String {
     format!(
-        "@group(0) @binding(0) var<storage, read> x: array<vec{unit}<u32>>;
-@group(0) @binding(1) var<storage, read_write> y: array<vec{unit}<u32>>;
+        "{enable}
+@group(0) @binding(0) var<storage, read> x: array<{elem}>;
+@group(0) @binding(1) var<storage, read_write> y: array<{elem}>;
 @group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
 struct Shape {{ inner: u32, channels: u32, chunk: u32, units: u32 }}
 @group(0) @binding(3) var<uniform> u: Shape;
-{}
+{extra}"
+    )
+}
+
+/// [`declarations`] over words, `unit` of them a load, with the crate's conversions for
+/// float16 (`ty` = "f16") or bfloat16 ("bf16") as 4-value loads and stores.
+fn crate_declarations(unit: u32, ty: &str) -> String {
+    let conversions = format!(
+        "{}
 fn ld4(w: vec2<u32>) -> vec4<f32> {{ return vec4<f32>({ty}_ld2(w.x), {ty}_ld2(w.y)); }}
 fn st4(v: vec4<f32>) -> vec2<u32> {{ return vec2<u32>({ty}_st2(v.xy), {ty}_st2(v.zw)); }}
 ",
         include_str!("../shaders/storage_half.wgsl")
-    )
+    );
+    declarations("", &format!("vec{unit}<u32>"), &conversions)
 }
 
 /// The half-storage probes: (name, what it shows, header, WGSL body, workgroups). Half
@@ -67,7 +71,7 @@ fn half_kernels(native_f16: bool) -> Vec<(&'static str, &'static str, String, St
     let mut out = vec![(
         "copy of the half bytes, grid-stride (vec4<u32>)",
         "the half tensor's ceiling",
-        half_header(4, "bf16") + &format!("const UNITS: u32 = {UNITS}u;\n"),
+        crate_declarations(4, "bf16") + &format!("const UNITS: u32 = {UNITS}u;\n"),
         copy8,
         UNITS / CHUNK,
     )];
@@ -86,14 +90,14 @@ fn half_kernels(native_f16: bool) -> Vec<(&'static str, &'static str, String, St
         out.push((
             four_name,
             "the crate's half units (vec2<u32>)",
-            half_header(2, ty),
+            crate_declarations(2, ty),
             four.into(),
             runs,
         ));
         out.push((
             eight_name,
             "wider half units (vec4<u32>)",
-            half_header(4, ty),
+            crate_declarations(4, ty),
             eight.into(),
             runs,
         ));
@@ -101,39 +105,30 @@ fn half_kernels(native_f16: bool) -> Vec<(&'static str, &'static str, String, St
     if native_f16 {
         // The device's conversions (SHADER_F16) on the words, and on f16 storage.
         let native = |unit: u32| {
-            format!(
-                "@group(0) @binding(0) var<storage, read> x: array<vec{unit}<u32>>;
-@group(0) @binding(1) var<storage, read_write> y: array<vec{unit}<u32>>;
-@group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
-struct Shape {{ inner: u32, channels: u32, chunk: u32, units: u32 }}
-@group(0) @binding(3) var<uniform> u: Shape;
-fn ld4(w: vec2<u32>) -> vec4<f32> {{ return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }}
-fn st4(v: vec4<f32>) -> vec2<u32> {{ return vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }}
-"
+            declarations(
+                "",
+                &format!("vec{unit}<u32>"),
+                "fn ld4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }
+fn st4(v: vec4<f32>) -> vec2<u32> { return vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }
+",
             )
         };
         out.push((
-            "apply float16, device conversions on words, 4 values a load",
-            "SHADER_F16 conversions, u32 storage",
+            "apply float16, pack2x16float / unpack2x16float, 4 values a load",
+            "the device's conversions on the words",
             native(2),
             four.into(),
             runs,
         ));
         out.push((
-            "apply float16, device conversions on words, 8 values a load",
-            "SHADER_F16 conversions, u32 storage",
+            "apply float16, pack2x16float / unpack2x16float, 8 values a load",
+            "the device's conversions on the words",
             native(4),
             eight.into(),
             runs,
         ));
-        let storage = "enable f16;
-@group(0) @binding(0) var<storage, read> x: array<vec4<f16>>;
-@group(0) @binding(1) var<storage, read_write> y: array<vec4<f16>>;
-@group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;
-struct Shape { inner: u32, channels: u32, chunk: u32, units: u32 }
-@group(0) @binding(3) var<uniform> u: Shape;
-";
-        out.push(("apply float16, f16 storage, 4 values a load", "the crate's native float16 (vec4<f16>)", storage.into(), "let k = coef[wid.x % u.channels]; let start = wid.x * u.inner; for (var i = start + lid; i < start + u.inner; i += 256u) { y[i] = vec4<f16>((vec4<f32>(x[i]) - vec4(k.x)) * k.y + vec4(k.z)); }".into(), runs));
+        let storage = declarations("enable f16;", "vec4<f16>", "");
+        out.push(("apply float16, f16 storage, 4 values a load", "the crate's native float16 (vec4<f16>)", storage, "let k = coef[wid.x % u.channels]; let start = wid.x * u.inner; for (var i = start + lid; i < start + u.inner; i += 256u) { y[i] = vec4<f16>((vec4<f32>(x[i]) - vec4(k.x)) * k.y + vec4(k.z)); }".into(), runs));
     }
     out
 }
