@@ -193,9 +193,10 @@ fn finite_shift(k: V) -> V {
 }
 
 // ---- Column mapping (*_cols.wgsl), for short runs: (N, C), channels-last, and NCHW with a
-// small spatial size. The tensor is rows (one per outer index) of C·run values, in units
-// of V; `total` units per row, `inner` = values per run, so the channel of value column j
-// is j / inner. A workgroup covers `col_block` unit columns × WG/col_block row lanes:
+// small spatial size. The tensor is rows (one per outer index, or two: paired rows below)
+// of C·run values, in units of V; `total` units per row of the mapping and `outer` rows of
+// it, `inner` = values per run, so the channel of value column j is j / inner (modulo the
+// outer row where rows are paired: `column_channel`). A workgroup covers `col_block` unit columns × WG/col_block row lanes:
 // neighbouring invocations read neighbouring addresses, and each invocation keeps its
 // columns' per-channel parameters in registers for all its rows.
 

@@ -170,8 +170,10 @@ pub enum Error {
         message: String,
     },
 
-    /// A tensor larger than the device can hold.
-    #[error("tensor of {bytes} bytes exceeds the device limit {limit_name} = {limit} bytes")]
+    /// A tensor larger than the device can hold, or a part of the work that must fit one
+    /// buffer or binding (an outer row of the tensor, the reductions' scratch) larger than
+    /// the device allows.
+    #[error("{bytes} bytes exceed the device limit {limit_name} = {limit} bytes")]
     TooLarge {
         /// The bytes needed.
         bytes: u64,

@@ -7,7 +7,9 @@ mod common;
 
 use common::{assert_close, normal};
 use wgpu_batchnorm::cpu::reference::ReferenceBatchNorm;
-use wgpu_batchnorm::{BatchNorm, BatchNormConfig, Context, ContextOptions, Error, Layout, Shape};
+use wgpu_batchnorm::{
+    BatchNorm, BatchNormConfig, Context, ContextOptions, DType, Error, Layout, Shape,
+};
 
 /// The tests of this file one at a time: the big cases hold an adapter for seconds, and
 /// wgpu's GL backend panics a thread that waits more than 6 s for its GL context.
@@ -253,6 +255,86 @@ fn a_row_larger_than_a_binding_is_a_typed_error() {
             before,
             (bn.running_mean().unwrap(), bn.num_batches_tracked())
         );
+    }
+}
+
+/// Contexts on devices whose storage bindings hold at most 1 MiB (the crate's own scratch
+/// included, unlike a `max_binding_size` cap, which chunks tensors only).
+fn small_binding_devices() -> Vec<Context> {
+    let found = common::gpus_on_devices("1-MiB-binding", ContextOptions::default(), |l| {
+        wgpu::Limits {
+            max_storage_buffer_binding_size: 1 << 20,
+            ..l.clone()
+        }
+    });
+    assert!(!found.is_empty(), "no adapter gives a 1 MiB-binding device");
+    found
+}
+
+#[test]
+fn partials_past_the_device_binding_take_longer_tiles() {
+    let _serial = serial();
+    // (256, 4096) f32: rows of 16 KiB, 5 chunks of 63 rows, 320 KiB of partials per tile of
+    // rows (16 bytes per value column and chunk). Both presets ask for more tiles than the
+    // 3 that fit a 1 MiB binding (4 and 16): the plan takes longer tiles instead.
+    check_chunked_on(
+        small_binding_devices(),
+        &[256, 4096],
+        Layout::ChannelsFirst,
+        1 << 20,
+    );
+}
+
+#[test]
+fn partials_that_cannot_fit_the_device_binding_are_a_typed_error() {
+    let _serial = serial();
+    // (256, 16384) f32: 18 chunks of 64 KiB rows, 4.5 MiB of partials at one tile per chunk;
+    // (2, 3, 171, 171) float16: rows of 87 723 values, odd, so two rows make a mapping row
+    // and each value column keeps two partials: 2.7 MiB. Training fails before anything
+    // changes; inference, which reduces nothing, still runs.
+    let cases: [(&[usize], Option<DType>); 2] =
+        [(&[256, 16384], None), (&[2, 3, 171, 171], Some(DType::F16))];
+    for ctx in small_binding_devices() {
+        for &(dims, half) in &cases {
+            let n: usize = dims.iter().product();
+            let c = dims[1];
+            let xs = normal(n, 5, 1.0, 2.0);
+            let (x, xs) = match half {
+                None => (ctx.tensor_from_slice(&xs, dims).unwrap(), xs),
+                Some(_) => {
+                    let h: Vec<half::f16> = xs.iter().map(|&v| half::f16::from_f32(v)).collect();
+                    let back = h.iter().map(|v| v.to_f32()).collect();
+                    let x = ctx
+                        .tensor_from_half(&h, dims, Layout::ChannelsFirst)
+                        .unwrap();
+                    (x, back)
+                }
+            };
+            let what = format!("{dims:?} on {}", common::describe(&ctx));
+            let config = BatchNormConfig::new(c).momentum(0.5);
+            let mut bn = BatchNorm::new(&ctx, config).unwrap();
+            let before = (bn.running_mean().unwrap(), bn.running_var().unwrap());
+            let err = bn.forward_train(&x).unwrap_err();
+            assert!(
+                matches!(err, Error::TooLarge { limit, .. } if limit == 1 << 20),
+                "{what}: {err:?}"
+            );
+            assert_eq!(
+                (bn.running_mean().unwrap(), bn.running_var().unwrap()),
+                before,
+                "{what}"
+            );
+            assert_eq!(bn.num_batches_tracked(), Some(0), "{what}");
+            bn.eval();
+            let shape = Shape::new(dims).unwrap();
+            let want = ReferenceBatchNorm::new(config)
+                .forward_eval(&xs, &shape)
+                .unwrap();
+            let y = bn.forward(&x).unwrap().y.to_vec().unwrap();
+            // (x − 0)/sqrt(1 + eps): f32 rounding, or one float16 ulp (2^-11 relative).
+            let tol = if half.is_some() { 1.0 / 1024.0 } else { 1e-6 };
+            assert_close(&format!("eval y {what}"), &y, &want.y, tol, tol);
+        }
     }
 }
 

@@ -145,10 +145,11 @@ impl GpuContext {
         if plan.is_empty() {
             return Ok(None);
         }
+        plan.check_reducible()?;
         let [partials] = self.buffers([plan.partials_len()])?;
         let family = plan.pick(Family::StatsPartials, Family::StatsPartialsCols);
         for chunk in plan.chunk_list() {
-            let binds = vec![plan.part(buffer(x), &chunk), (&partials).into()];
+            let binds = vec![plan.part(buffer(x), &chunk), plan.partials(&partials)];
             self.launch(batch, family, plan.units(), plan.reduce(&chunk), binds);
         }
         Ok(Some((plan, partials)))
@@ -167,6 +168,7 @@ impl GpuContext {
         relu_y: Option<&Tensor>,
         dz: Option<&Arc<GpuBuffer>>,
     ) -> Result<Arc<GpuBuffer>> {
+        plan.check_reducible()?;
         let [partials] = self.buffers([plan.partials_len()])?;
         let family = plan.pick(Family::BwdPartials, Family::BwdPartialsCols);
         for chunk in plan.chunk_list() {
@@ -189,7 +191,7 @@ impl GpuContext {
                 plan.part(buffer(x), &chunk),
                 plan.part(buffer(dy), &chunk),
                 data_buffer(saved).into(),
-                (&partials).into(),
+                plan.partials(&partials),
                 y,
                 dz,
             ];
@@ -362,7 +364,7 @@ impl Backend for GpuContext {
                 let params = plan.finalize(true, FLAG_MOMENTS);
                 let w = &self.dummy_write;
                 let binds = vec![
-                    (&partials).into(),
+                    plan.partials(&partials),
                     w.into(),
                     w.into(),
                     w.into(),
@@ -434,7 +436,7 @@ impl Backend for GpuContext {
                 let count = x.shape().view().per_channel() as u64;
                 let [rm, rv] = self.running_binds(batch, running, count, &mut params)?;
                 let binds = vec![
-                    (&partials).into(),
+                    plan.partials(&partials),
                     rm,
                     rv,
                     (&saved).into(),
@@ -588,7 +590,7 @@ impl Backend for GpuContext {
                 flags |= FLAG_DBIAS;
             }
             let binds = vec![
-                (&partials).into(),
+                plan.partials(&partials),
                 data_buffer(saved).into(),
                 (&self.dummy_read).into(),
                 (&dw).into(),
@@ -718,7 +720,7 @@ impl Backend for GpuContext {
             // (dz is the masked dy: the first pass writes it only where it masks.)
             let dz_first = (reduce && epi.dz && epi.relu_y.is_some()).then_some(&dz);
             let partials: Bind = if reduce {
-                (&self.bwd_partials(batch, &plan, dy, x, saved, epi.relu_y, dz_first)?).into()
+                plan.partials(&self.bwd_partials(batch, &plan, dy, x, saved, epi.relu_y, dz_first)?)
             } else {
                 (&self.dummy_read).into()
             };

@@ -426,6 +426,7 @@ impl GpuContext {
             view,
             dtype,
             self.max_binding(),
+            self.limits.max_storage_buffer_binding_size,
             self.tuning
                 .offset_alignment
                 .expect("resolved when the context is built"),

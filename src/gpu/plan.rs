@@ -111,9 +111,13 @@ pub(crate) struct Plan {
     /// Scalars per channel in the whole tensor.
     count: u32,
     /// Reduction tiles per channel (runs) or per column (columns) in one full chunk, and
-    /// the units (runs) or rows (columns) of one tile.
+    /// the units (runs) or rows of the mapping (columns; a row pair where rows are paired)
+    /// of one tile.
     tiles: u32,
     tile_len: u32,
+    /// Set where even one reduction tile per chunk passes the device's binding limit:
+    /// (the partials' bytes, the limit). See [`check_reducible`](Self::check_reducible).
+    scratch: Option<(u64, u64)>,
 }
 
 /// How invocations map onto values.
@@ -146,12 +150,15 @@ pub(crate) struct Chunk {
 }
 
 impl Plan {
-    /// `max_binding`: the largest storage binding to use; `align`: the device's
-    /// `min_storage_buffer_offset_alignment`.
+    /// `max_binding`: the largest storage binding a chunk of the tensor may take;
+    /// `scratch_binding`: the largest the reductions' partials may take (the device's
+    /// limit: a binding cap in the options chunks tensors, not the crate's scratch);
+    /// `align`: the device's `min_storage_buffer_offset_alignment`.
     pub fn new(
         v: View,
         dtype: DType,
         max_binding: u64,
+        scratch_binding: u64,
         align: u64,
         tuning: Tuning,
     ) -> Result<Self> {
@@ -240,7 +247,23 @@ impl Plan {
             .target_groups
             .div_ceil(across.max(1))
             .min(space.div_ceil(lanes * MIN_UNITS_PER_THREAD).max(1));
-        let tiles = tiles_for_work.max(tiles_for_occupancy);
+        // The partials of all chunks are one binding: 16 bytes per tile and channel (runs)
+        // or per tile and value column of a mapping row (columns). Where the occupancy
+        // target would pass it, tiles grow longer; where one tile per chunk passes it, the
+        // reductions cannot run on this device (the element-wise passes still can).
+        let tile_bytes: u64 = 16
+            * chunks as u64
+            * match mapping {
+                Mapping::Runs { .. } => channels as u64,
+                Mapping::Columns { paired, .. } => {
+                    channels as u64 * run_len as u64 * if paired { 2 } else { 1 }
+                }
+            };
+        // (Empty tensors keep no partials.)
+        let most_tiles = (scratch_binding.min(u32::MAX as u64) / tile_bytes.max(1)) as u32;
+        let tiles = tiles_for_work
+            .max(tiles_for_occupancy)
+            .min(most_tiles.max(1));
         let tile_len = space.div_ceil(tiles).next_multiple_of(lanes).max(lanes);
         let tiles = space.div_ceil(tile_len).max(1);
         Ok(Self {
@@ -257,7 +280,23 @@ impl Plan {
             count: v.per_channel() as u32,
             tiles,
             tile_len,
+            scratch: (most_tiles == 0).then_some((tile_bytes, scratch_binding)),
         })
+    }
+
+    /// Fails where the reductions' partials of one tile per chunk would pass the device's
+    /// binding limit: before any reduction is recorded, so nothing has changed.
+    pub fn check_reducible(&self) -> Result<()> {
+        match self.scratch {
+            None => Ok(()),
+            Some((bytes, limit)) => Err(Error::TooLarge {
+                bytes,
+                limit_name: "max_storage_buffer_binding_size (the reductions keep 16 bytes \
+                             per value of an outer row (two for half rows of odd length) \
+                             and chunk of the tensor in one binding)",
+                limit,
+            }),
+        }
     }
 
     pub fn chunk_list(&self) -> Vec<Chunk> {
@@ -286,9 +325,11 @@ impl Plan {
                         bound,
                         (slack + rows as u64 * self.row_bytes).next_multiple_of(4),
                     )),
-                    // Rows are whole units (16-byte vec4, 8-byte half quad, 4-byte scalar or
-                    // half pair) and the alignment is a multiple of a unit (or smaller than
-                    // a row's unit), so the slack is whole units.
+                    // Chunks start at whole units: rows are whole units (16-byte vec4, 8-byte
+                    // half quad, 4-byte scalar or half pair), or, for paired half rows of odd
+                    // length, every chunk holds an even number of rows and so starts at a
+                    // word. The alignment is a multiple of a unit (or smaller than a row's
+                    // unit), so the slack is whole units.
                     base: (slack / unit) as u32,
                 }
             })
@@ -370,7 +411,7 @@ impl Plan {
     }
 
     /// Partials per channel, over all chunks: one per tile (runs), one per tile per value
-    /// column of the channel (columns).
+    /// column of the channel (columns; two where rows are paired).
     fn partials_per_channel(&self) -> u32 {
         let per_column = self.tiles * self.chunks;
         match self.mapping {
@@ -492,9 +533,17 @@ impl Plan {
         })
     }
 
-    /// Floats of partials scratch the reductions need.
+    /// Floats of partials scratch the reductions need (within one binding: see
+    /// [`new`](Self::new)).
     pub fn partials_len(&self) -> usize {
-        4 * (self.channels * self.partials_per_channel()) as usize
+        4 * self.channels as usize * self.partials_per_channel() as usize
+    }
+
+    /// The binding of a partials buffer: its first [`partials_len`](Self::partials_len)
+    /// floats, not the whole size-class buffer, which may pass the binding limit.
+    pub fn partials(&self, buffer: &Arc<GpuBuffer>) -> Bind {
+        let bytes = (4 * self.partials_len() as u64).max(16);
+        Bind::owned(buffer, Some((buffer.offset, bytes)))
     }
 }
 
