@@ -468,8 +468,8 @@ impl Context {
     }
 
     /// A tensor of half values (`half::f16` or `half::bf16`: dtype float16 or bfloat16) in
-    /// `layout` order; `dims` is the logical (N, C, ...) shape. On a GPU it is stored two
-    /// values per 32-bit word, byte for byte a native half array.
+    /// `layout` order; `dims` is the logical (N, C, ...) shape. It is stored two values per
+    /// 32-bit word, byte for byte a native half array (on a GPU and on the CPU).
     pub fn tensor_from_half<T: HalfFloat>(
         &self,
         data: &[T],
@@ -480,8 +480,11 @@ impl Context {
         let dtype = T::DTYPE;
         let data = match &self.inner.backend {
             Backend::Cpu => {
-                let mut v = crate::cpu::buffers::take(data.len());
-                v.extend(data.iter().map(|h| dtype.value_of_bits(h.to_bits())));
+                let mut v = crate::cpu::buffers::take(data.len().div_ceil(2));
+                v.extend(data.chunks(2).map(|p| {
+                    let hi = p.get(1).map_or(0, |h| h.to_bits());
+                    f32::from_bits(p[0].to_bits() as u32 | (hi as u32) << 16)
+                }));
                 Data::cpu(v)
             }
             Backend::Gpu(g) => {
@@ -555,8 +558,8 @@ impl Tensor {
         Self::typed(ctx, shape, data, DType::F32)
     }
 
-    /// A tensor of `dtype` over `data` (GPU: its packed words; CPU: f32 values the type
-    /// represents).
+    /// A tensor of `dtype` over `data` (its storage words: f32 values, or half values two
+    /// to a word).
     pub(crate) fn typed(ctx: &Context, shape: Shape, data: Data, dtype: DType) -> Self {
         Self {
             ctx: ctx.clone(),
@@ -571,12 +574,12 @@ impl Tensor {
         self.dtype
     }
 
-    /// 32-bit words of GPU storage the values take.
+    /// 32-bit words of storage the values take.
     pub(crate) fn words(&self) -> usize {
         self.dtype.words(self.numel())
     }
 
-    /// f32 values from `words` read back from this tensor's GPU storage.
+    /// f32 values from `words` of this tensor's storage.
     fn widen_words(&self, words: Vec<f32>) -> Vec<f32> {
         if self.dtype == DType::F32 {
             return words;
@@ -597,20 +600,14 @@ impl Tensor {
                 got: T::DTYPE,
             });
         }
-        if let Data::Gpu(_) = &self.data {
-            // The stored words themselves: bit for bit what was uploaded or computed.
-            let words = match (&self.data, self.ctx.backend()) {
-                (Data::Gpu(b), Backend::Gpu(g)) => g.read(b, b.offset, self.words())?,
-                _ => unreachable!("GPU data in a GPU context"),
-            };
-            let bits = crate::dtype::unpack_words(bytemuck::cast_slice(&words), self.numel());
-            return Ok(bits.into_iter().map(T::from_bits).collect());
-        }
-        let values = self.to_vec()?;
-        Ok(values
-            .iter()
-            .map(|&v| T::from_bits(self.dtype.half_bits(v)))
-            .collect())
+        // The stored words themselves: bit for bit what was uploaded or computed.
+        let words = match (&self.data, self.ctx.backend()) {
+            (Data::Cpu(v), _) => v[..self.words()].to_vec(),
+            (Data::Gpu(b), Backend::Gpu(g)) => g.read(b, b.offset, self.words())?,
+            (Data::Gpu(_), Backend::Cpu) => unreachable!("GPU data in a CPU context"),
+        };
+        let bits = crate::dtype::unpack_words(bytemuck::cast_slice(&words), self.numel());
+        Ok(bits.into_iter().map(T::from_bits).collect())
     }
 
     /// The logical shape (N, C, ...).
@@ -643,7 +640,7 @@ impl Tensor {
     /// [`Error::WouldBlock`]: await [`to_vec_async`](Self::to_vec_async) there.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
         match &self.data {
-            Data::Cpu(v) => Ok(v.to_vec()),
+            Data::Cpu(v) => Ok(self.widen_words(v.to_vec())),
             Data::Gpu(_) if cfg!(target_arch = "wasm32") => Err(Error::WouldBlock {
                 op: "Tensor::to_vec",
                 instead: "await Tensor::to_vec_async instead",
@@ -661,7 +658,7 @@ impl Tensor {
     /// the data is on the host (every target).
     pub async fn to_vec_async(&self) -> Result<Vec<f32>> {
         match &self.data {
-            Data::Cpu(v) => Ok(v.to_vec()),
+            Data::Cpu(v) => Ok(self.widen_words(v.to_vec())),
             Data::Gpu(b) => match self.ctx.backend() {
                 Backend::Gpu(g) => {
                     let words = g.clone().read_async(b, b.offset, self.words()).await?;

@@ -3,10 +3,10 @@
 //! running statistics and saved statistics are float32). Arithmetic is f32 throughout;
 //! only storage is half.
 //!
-//! A half tensor on a GPU is stored two values per 32-bit word, byte for byte a native
-//! little-endian `f16` / `bf16` array (the last word padded). On the CPU path its values
-//! are kept as f32 numbers that the type represents exactly, and every output is rounded
-//! to it, so both paths store the same values.
+//! A half tensor is stored two values per 32-bit word, byte for byte a native
+//! little-endian `f16` / `bf16` array (the last word padded), on a GPU and on the CPU
+//! path alike (`cpu::elem`); every output is rounded to it once, from the f32 result, so
+//! both paths store the same values.
 
 use std::fmt;
 
@@ -41,7 +41,7 @@ impl DType {
         }
     }
 
-    /// 32-bit words that hold `n` values (GPU storage).
+    /// 32-bit words that hold `n` values (the storage of a tensor, GPU or CPU).
     pub(crate) fn words(self, n: usize) -> usize {
         match self {
             DType::F32 => n,
@@ -51,36 +51,14 @@ impl DType {
 
     /// `v` rounded to the nearest value of this type (ties to even; past the largest
     /// finite value ±Inf; NaN stays NaN), as an f32: the bit arithmetic of
-    /// shaders/storage_half.wgsl (`round_f16`, `round_bf16`, which the CPU path's rounding
-    /// loop calls directly), checked against the `half` crate's conversions below.
+    /// shaders/storage_half.wgsl (`round_f16`, `round_bf16`, which the CPU path's
+    /// `Elem::round` calls directly), checked against the `half` crate's conversions below.
     #[cfg(test)]
     fn round(self, v: f32) -> f32 {
         match self {
             DType::F32 => v,
             DType::F16 => round_f16(v),
             DType::BF16 => round_bf16(v),
-        }
-    }
-
-    /// The 16-bit pattern of `v` (already of this half type) in this type.
-    pub(crate) fn half_bits(self, v: f32) -> u16 {
-        if v.is_nan() {
-            // The NaN's own payload (the conversions below would quiet a signalling one),
-            // so that a half array reads back bit for bit on the CPU path too.
-            let b = v.to_bits();
-            let (bits, payload) = match self {
-                DType::F16 => (
-                    ((b >> 16) & 0x8000) as u16 | 0x7c00 | ((b >> 13) & 0x3ff) as u16,
-                    (b >> 13) & 0x3ff,
-                ),
-                _ => ((b >> 16) as u16, (b >> 16) & 0x7f),
-            };
-            // A payload only in bits the type drops would read as Inf: keep it a NaN.
-            return if payload == 0 { bits | 0x40 } else { bits };
-        }
-        match self {
-            DType::F16 => half::f16::from_f32(v).to_bits(),
-            _ => half::bf16::from_f32(v).to_bits(),
         }
     }
 
@@ -99,7 +77,7 @@ impl DType {
 }
 
 /// `v` rounded to the nearest f16 value, as an f32. Branch-free, so that the CPU path's
-/// rounding loop vectorizes: every case is computed and the right one selected.
+/// loops vectorize: every case is computed and the right one selected.
 #[inline]
 pub(crate) fn round_f16(v: f32) -> f32 {
     let b = v.to_bits();

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::elem::{self, Bf16, Elem, F16};
 use super::fast;
 use crate::backend::{Backend, Batch, Epilogue, EpilogueGrad, Grads, Reduced, Running, Summaries};
 use crate::context::{Data, Tensor};
@@ -18,6 +19,32 @@ fn host(t: &Tensor) -> &[f32] {
         Data::Cpu(v) => v,
         Data::Gpu(_) => unreachable!("the op layer checks contexts: GPU data on the CPU backend"),
     }
+}
+
+/// A tensor's values as its storage type `T` (the op layer has checked the dtypes).
+fn elems<T: Elem>(t: &Tensor) -> &[T] {
+    debug_assert_eq!(t.dtype(), T::DTYPE);
+    elem::view(host(t), t.numel())
+}
+
+/// `$body` with `$t` the storage type ([`Elem`]) of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F16 => {
+                type $t = F16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = Bf16;
+                $body
+            }
+        }
+    };
 }
 
 fn saved_pairs(saved: &Data) -> &[f32] {
@@ -133,7 +160,8 @@ impl Backend for CpuBackend {
     }
 
     fn moments(&self, _: &mut Batch, x: &Tensor) -> Result<Summaries> {
-        let stats = fast::stats(host(x), x.shape().view());
+        let view = x.shape().view();
+        let stats = by_dtype!(x.dtype(), T => fast::stats(elems::<T>(x), view));
         Ok(Summaries::Cpu(Arc::new(
             stats.into_iter().map(|(m, m2)| [m, m2]).collect(),
         )))
@@ -204,25 +232,12 @@ impl Backend for CpuBackend {
                 &zeros
             }
         };
-        let z = epi.residual.map(host);
         let view = x.shape().view();
-        let dtype = x.dtype();
-        if let (Some(z), true) = (z, dtype != DType::F32) {
-            // Half storage with a residual: bn(x) rounded to the storage type before the
-            // add, as PyTorch's relu(bn(x) + z) on half tensors (and as the GPU kernels do),
-            // then the sum rounded.
-            let mut y = fast::affine_centered(host(x), &mean, &scale, shift, None, false, view);
-            fast::round_to(dtype, &mut y);
-            for (v, &zv) in y.iter_mut().zip(z) {
-                let s = *v + zv;
-                *v = if epi.relu && s < 0.0 { 0.0 } else { s };
-            }
-            fast::round_to(dtype, &mut y);
-            return Ok(Data::cpu(y));
-        }
-        let mut y = fast::affine_centered(host(x), &mean, &scale, shift, z, epi.relu, view);
-        // A half x gets y rounded to its type once, from the f32 result (as a GPU stores it).
-        fast::round_to(dtype, &mut y);
+        let (z, relu) = (epi.residual, epi.relu);
+        let y = by_dtype!(x.dtype(), T => {
+            let z = z.map(elems::<T>);
+            fast::affine_centered(elems::<T>(x), &mean, &scale, shift, z, relu, view)
+        });
         Ok(Data::cpu(y))
     }
 
@@ -238,7 +253,9 @@ impl Backend for CpuBackend {
         let sv = saved_pairs(saved);
         let view = x.shape().view();
         let mean: Vec<f32> = sv.chunks(2).map(|p| p[0]).collect();
-        let sums = fast::grad_sums(host(x), host(dy), &mean, view);
+        let sums = by_dtype!(x.dtype(), T => {
+            fast::grad_sums(elems::<T>(x), elems::<T>(dy), &mean, view)
+        });
         let empty = view.per_channel() == 0;
         // An empty batch has zero gradients, whatever the statistics (0·NaN).
         let dw = dweight.then(|| {
@@ -277,8 +294,10 @@ impl Backend for CpuBackend {
             weight.map(host),
             sums.map(|(s, n)| (pairs(s), n)),
         );
-        let mut dx = fast::grad_input(host(x), host(dy), &coef, sums.is_some(), x.shape().view());
-        fast::round_to(x.dtype(), &mut dx);
+        let (training, view) = (sums.is_some(), x.shape().view());
+        let dx = by_dtype!(x.dtype(), T => {
+            fast::grad_input(elems::<T>(x), elems::<T>(dy), &coef, training, view)
+        });
         Ok(Data::cpu(dx))
     }
 
@@ -298,8 +317,8 @@ impl Backend for CpuBackend {
         let masked;
         let dy = match epi.relu_y {
             Some(y) => {
-                let g = fast::relu_grad(host(dy), host(y));
-                masked = Tensor::new(x.context(), x.shape().clone(), Data::cpu(g));
+                let g = by_dtype!(x.dtype(), T => fast::relu_grad(elems::<T>(dy), elems::<T>(y)));
+                masked = Tensor::typed(x.context(), x.shape().clone(), Data::cpu(g), x.dtype());
                 &masked
             }
             None => dy,
