@@ -372,9 +372,11 @@ fn map8<I: Isa, T: Elem, const K: usize, const P: usize>(
     }
 }
 
-/// (a0[i], a1[i]) += f(the inputs at i, the parameters at i).
+/// (a0[i], a1[i]) += f(the inputs at i, the parameters at i), value by value for every
+/// type: float16 with F16C in eight-value blocks took 1.2–1.9× longer here (the training
+/// passes of tall_2d, mlp_2d and both NHWC shapes; benches/NOTES.md).
 #[inline(always)]
-fn sum8<I: Isa, T: Elem, const K: usize, const P: usize>(
+fn sum_rows<T: Elem, const K: usize, const P: usize>(
     (a0, a1): (&mut [f32], &mut [f32]),
     ins: [&[T]; K],
     params: [&[f32]; P],
@@ -383,32 +385,10 @@ fn sum8<I: Isa, T: Elem, const K: usize, const P: usize>(
     let n = a0.len();
     let a1 = &mut a1[..n];
     let (ins, params) = (ins.map(|s| &s[..n]), params.map(|s| &s[..n]));
-    if in_blocks::<I, T>() {
-        lanes8::<I, T, K, P>(n, ins, params, |i, len, v, p| {
-            let (b0, b1) = (&mut a0[i..i + len], &mut a1[i..i + len]);
-            if let (Ok(b0), Ok(b1)) = (
-                <&mut [f32; 8]>::try_from(&mut *b0),
-                <&mut [f32; 8]>::try_from(&mut *b1),
-            ) {
-                for l in 0..8 {
-                    let (d0, d1) = f(lane(&v, l), lane(&p, l));
-                    b0[l] += d0;
-                    b1[l] += d1;
-                }
-            } else {
-                for (l, (p0, p1)) in b0.iter_mut().zip(b1.iter_mut()).enumerate() {
-                    let (d0, d1) = f(lane(&v, l), lane(&p, l));
-                    *p0 += d0;
-                    *p1 += d1;
-                }
-            }
-        });
-    } else {
-        for (i, (p, q)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
-            let (d0, d1) = f(ins.map(|s| s[i].get()), params.map(|s| s[i]));
-            *p += d0;
-            *q += d1;
-        }
+    for (i, (p, q)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+        let (d0, d1) = f(ins.map(|s| s[i].get()), params.map(|s| s[i]));
+        *p += d0;
+        *q += d1;
     }
 }
 
@@ -458,7 +438,7 @@ impl<T: Elem> PairSums for Moments<'_, T> {
         let n = a0.len();
         let xs = &self.x[start..start + n];
         let ks = &self.shift_rows[..n];
-        sum8::<I, T, 1, 1>((a0, a1), [xs], [ks], |[v], [k]| {
+        sum_rows::<T, 1, 1>((a0, a1), [xs], [ks], |[v], [k]| {
             let d = v - k;
             (d, d * d)
         });
@@ -486,7 +466,7 @@ impl<T: Elem> PairSums for GradSums<'_, T> {
         let xs = &self.x[start..start + n];
         let gs = &self.dy[start..start + n];
         let ms = &self.mean_rows[..n];
-        sum8::<I, T, 2, 1>((a0, a1), [xs, gs], [ms], |[v, g], [m]| (g, g * (v - m)));
+        sum_rows::<T, 2, 1>((a0, a1), [xs, gs], [ms], |[v, g], [m]| (g, g * (v - m)));
     }
 }
 
