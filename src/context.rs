@@ -478,18 +478,15 @@ impl Context {
     ) -> Result<Tensor> {
         let shape = shape_for(dims, layout, data.len())?;
         let dtype = T::DTYPE;
+        let bits: Vec<u16> = data.iter().map(|h| h.to_bits()).collect();
+        let words = crate::dtype::pack_words(&bits);
         let data = match &self.inner.backend {
             Backend::Cpu => {
-                let mut v = crate::cpu::buffers::take(data.len().div_ceil(2));
-                v.extend(data.chunks(2).map(|p| {
-                    let hi = p.get(1).map_or(0, |h| h.to_bits());
-                    f32::from_bits(p[0].to_bits() as u32 | (hi as u32) << 16)
-                }));
+                let mut v = crate::cpu::buffers::take(words.len());
+                v.extend(words.iter().map(|&w| f32::from_bits(w)));
                 Data::cpu(v)
             }
             Backend::Gpu(g) => {
-                let bits: Vec<u16> = data.iter().map(|h| h.to_bits()).collect();
-                let words = crate::dtype::pack_words(&bits);
                 Data::Gpu(Arc::new(g.upload(bytemuck::cast_slice(&words), "tensor")?))
             }
         };

@@ -267,6 +267,17 @@ fn small_binding_devices() -> Vec<Context> {
             ..l.clone()
         }
     });
+    // As many as the suite's GPU contexts (one per adapter and tuning); this also enforces
+    // WGPU_BATCHNORM_REQUIRE_BACKENDS and reports missing adapters loudly.
+    let gpus = common::backends()
+        .iter()
+        .filter(|c| c.wgpu().is_some())
+        .count();
+    assert_eq!(
+        found.len(),
+        gpus,
+        "every adapter gives a 1 MiB-binding device"
+    );
     assert!(!found.is_empty(), "no adapter gives a 1 MiB-binding device");
     found
 }

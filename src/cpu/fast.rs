@@ -19,8 +19,8 @@ use crate::shape::View;
 
 /// Whether the loops run as compiled for AVX2 (with FMA and F16C) rather than for the
 /// x86-64 baseline (SSE2): checked once at run time. The baseline has no instructions to
-/// widen 16-bit lanes to 32 or to pack them back, so its half-storage loops ran 2–5×
-/// slower than their AVX2 build (benches/NOTES.md). The arithmetic is the same either way
+/// widen 16-bit lanes to 32 or to pack them back, so its half-storage loops take 2–9× the
+/// f32 rows (benches/NOTES.md). The arithmetic is the same either way
 /// (no contraction into FMA), so both give the same bits.
 #[cfg(target_arch = "x86_64")]
 fn wide_simd() -> bool {
@@ -394,7 +394,7 @@ fn sum_rows<T: Elem, const K: usize, const P: usize>(
 
 /// `acc.add(x, y, f)` as its own function, compiled for `I` (AVX2 where `I` has it). Its
 /// own function either way: inlined into the reduction's task closure, the loop ran
-/// 1.4–2× slower (benches/NOTES.md).
+/// 1.6–2× slower (benches/NOTES.md).
 #[inline(never)]
 fn add_run<I: Isa, T: Elem>(acc: &mut Lanes, x: &[T], y: &[T], f: impl Fn(f32, f32) -> (f32, f32)) {
     #[cfg(target_arch = "x86_64")]
